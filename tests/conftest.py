@@ -1,0 +1,136 @@
+"""Shared fixtures: real MoViNet graphs exported once and cached, and the real reference assets."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+# Bump when what the tests export changes; the export code's own hash is part of the key too.
+EXPORT_RECIPE = 1
+
+
+def _cache_root() -> Path:
+    from worker.constants import cache_dir
+
+    return Path(os.environ.get("MOVINET_TEST_MODELS", cache_dir() / "test-models"))
+
+
+def run_cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"movinet-worker {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+class Models:
+    """A random-weight A0 stream model, its causal base twin (same weights) and a float TFLite copy.
+
+    Exported with (2+1)D convolutions and 2plus3d squeeze-excitation, as TF Hub's lite models are,
+    because TFLite has no 3D convolution or pooling kernels.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stream = root / "a0_stream"
+        self.base = root / "a0_base"
+        self.tflite = root / "a0_stream.tflite"
+
+    def complete(self) -> bool:
+        return (self.root / "done.json").is_file()
+
+    def export(self) -> None:
+        lite = ["--conv-type", "2plus1d", "--se-type", "2plus3d"]
+        run_cli(
+            "export-model",
+            "--id",
+            "a0",
+            "--mode",
+            "stream",
+            "--random-weights",
+            "--seed",
+            "7",
+            *lite,
+            "--tflite",
+            "--out",
+            str(self.stream),
+        )
+        run_cli(
+            "export-model",
+            "--id",
+            "a0",
+            "--mode",
+            "base",
+            "--causal",
+            *lite,
+            "--checkpoint",
+            str(self.stream / "checkpoint" / "ckpt-1"),
+            "--out",
+            str(self.base),
+        )
+        (self.root / "done.json").write_text(json.dumps({"recipe": EXPORT_RECIPE}))
+
+
+@pytest.fixture(scope="session")
+def models() -> Models:
+    """Exported once per cache key (minutes), then reused by every test and later sessions."""
+    import tensorflow as tf
+
+    code = (ROOT / "worker" / "export.py").read_bytes()
+    key = hashlib.sha256(code + f"{EXPORT_RECIPE}-{tf.__version__}".encode()).hexdigest()[:12]
+    root = _cache_root() / key
+    root.mkdir(parents=True, exist_ok=True)
+    m = Models(root)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sessions wait for one export
+        if not m.complete():
+            m.export()
+    return m
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if not (ASSETS / "movinet_int8.tflite").is_file():
+        pytest.skip(f"real reference assets not found at {ASSETS} (they live outside the repository)")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def tf_backend(models: Models):  # type: ignore[no-untyped-def]
+    from worker.backends import load_stream_model
+
+    return load_stream_model(str(models.stream), "tfhub")
+
+
+@pytest.fixture(scope="session")
+def base_model(models: Models):  # type: ignore[no-untyped-def]
+    from worker.backends import load_model
+
+    return load_model(str(models.base), "tfhub")
+
+
+@pytest.fixture(scope="session")
+def lite_backend(models: Models):  # type: ignore[no-untyped-def]
+    from worker.backends import load_stream_model
+
+    backend = load_stream_model(str(models.tflite), "litert", interpreters=2)
+    yield backend
+    backend.close()

@@ -1,0 +1,245 @@
+"""`movinet-worker`: one command, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker.backends.base import ModelLoadError
+from worker.constants import DEFAULT_TOP_K, LABELS_URL
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=_env("MOVINET_MODEL"),
+        help="TF Hub handle, SavedModel folder, or .tflite file [env: MOVINET_MODEL]",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "tfhub", "litert"),
+        default=_env("MOVINET_BACKEND", "auto"),
+        help="auto picks litert for .tflite files, tfhub otherwise [env: MOVINET_BACKEND]",
+    )
+    p.add_argument(
+        "--labels",
+        default=_env("MOVINET_LABELS"),
+        help=f"label file, one per line; default: fetched once from the tutorial's URL "
+        f"({LABELS_URL}) and cached [env: MOVINET_LABELS]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="movinet-worker",
+        description="Action recognition on live camera streams with MoViNet stream models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "classify",
+        help="classify a video file, GIF or stream URL (no Redis)",
+        description="Decode SOURCE with PyAV, resample it to the model's frame rate by timestamps, "
+        "resize to the model's resolution and run the model: a stream model frame by frame with "
+        "its state, a base model on the whole clip. Prints the final top-K labels.",
+    )
+    p.add_argument("source", help="video file, GIF, or rtsp:// / http:// URL")
+    _model_args(p)
+    p.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=None,
+        help="frames per second fed to the model (default: the rate it was trained at, "
+        "5 for A0-A2; 0 feeds every decoded frame)",
+    )
+    p.add_argument("--top", "-k", type=int, default=DEFAULT_TOP_K, help="labels to print (default 5)")
+    p.add_argument("--every-frame", action="store_true", help="also print the top-1 after each frame")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+    p = sub.add_parser(
+        "export-model",
+        help="export a MoViNet in the TF Hub format (needs the [export] extra)",
+        description="Build MoViNet with tf-models-official and save it as TF Hub publishes it: "
+        "stream models with init_states and the state-passing call, base models with "
+        "serving_default. Weights are random (--random-weights) or a checkpoint (--checkpoint); "
+        "the weights used are also written to OUT/checkpoint.",
+    )
+    p.add_argument("--id", dest="model_id", default="a0", choices=["a0", "a1", "a2", "a3", "a4", "a5"])
+    p.add_argument("--mode", choices=("stream", "base"), default="stream")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument(
+        "--random-weights", action="store_true", help="random initial weights (tests, benchmarks)"
+    )
+    weights.add_argument("--checkpoint", help="TF checkpoint prefix to load (a fine-tuned model)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="input height and width (default: the size's own)"
+    )
+    p.add_argument("--num-classes", type=int, default=600)
+    p.add_argument(
+        "--causal",
+        action="store_true",
+        help="base mode: build the causal network (the stream model's exact twin)",
+    )
+    p.add_argument(
+        "--conv-type",
+        choices=("3d", "2plus1d", "3d_2plus1d"),
+        default=None,
+        help="default 3d; 2plus1d with --tflite (TFLite has no 3D conv or pool kernels)",
+    )
+    p.add_argument(
+        "--se-type", choices=("3d", "2d", "2plus3d"), default=None, help="default 3d; 2plus3d with --tflite"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed for --random-weights")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the SavedModel to")
+    p.add_argument(
+        "--tflite",
+        action="store_true",
+        help="also write OUT.tflite: a float TFLite stream model (batch 1, one frame)",
+    )
+
+    p = sub.add_parser(
+        "bench-model",
+        help="model-only speed per backend and batch vs the tutorial's loop",
+        description="Times each backend stepping N cameras by one frame (median ms per frame, "
+        "frames/s) next to the tutorial's way (the TF Hub object, batch 1, camera after camera), "
+        "all in one process.",
+    )
+    p.add_argument(
+        "--tf-model",
+        action="append",
+        default=[],
+        help="stream SavedModel folder or handle (repeatable; the first is the baseline)",
+    )
+    p.add_argument("--tflite", action="append", default=[], help="TFLite stream model (repeatable)")
+    p.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="cameras per step, e.g. 1,8,32")
+    p.add_argument(
+        "--layouts",
+        default="1x1,1x2,2x1",
+        help="LiteRT interpreters x threads each, e.g. 1x1,2x1 (default 1x1,1x2,2x1)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
+    p.add_argument("--baseline-cameras", type=int, default=4)
+    p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+    return parser
+
+
+def _require_model(args: argparse.Namespace) -> str:
+    if not args.model:
+        raise SystemExit(
+            "no model: pass --model (TF Hub handle, SavedModel folder or .tflite file) or set MOVINET_MODEL"
+        )
+    return str(args.model)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from worker.classify import classify, print_frame, print_result
+
+    result = classify(
+        args.source,
+        _require_model(args),
+        labels=args.labels,
+        fps=args.fps,
+        top=args.top,
+        backend=args.backend,
+        progress=False if args.no_progress else None,
+        on_frame=print_frame if args.every_frame and not args.json else None,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_result(result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from worker.export import ExportSpec, export_model
+
+    lite = args.tflite
+    spec = ExportSpec(
+        model_id=args.model_id,
+        mode=args.mode,
+        resolution=args.resolution,
+        num_classes=args.num_classes,
+        checkpoint=args.checkpoint,
+        causal=args.causal,
+        conv_type=args.conv_type or ("2plus1d" if lite else "3d"),
+        se_type=args.se_type or ("2plus3d" if lite else "3d"),
+        seed=args.seed,
+    )
+    meta = export_model(spec, args.out, tflite=lite)
+    print(f"wrote {args.out}" + (f" and {meta['tflite']}" if lite else ""))
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from worker import bench_model
+
+    if not args.tf_model and not args.tflite:
+        raise SystemExit("bench-model needs --tf-model and/or --tflite")
+    layouts = []
+    for item in args.layouts.split(","):
+        interp, _, threads = item.partition("x")
+        layouts.append((int(interp), int(threads or 1)))
+    rows = bench_model.run(
+        tf_models=args.tf_model,
+        tflite_models=args.tflite,
+        batches=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        baseline_cameras=args.baseline_cameras,
+        layouts=layouts,
+    )
+    m = bench_model.machine()
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores; median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(bench_model.format_table(rows))
+    if args.json_path:
+        bench_model.write_json(args.json_path, rows, {k: v for k, v in vars(args).items() if k != "func"})
+    return 0
+
+
+COMMANDS = {"classify": cmd_classify, "export-model": cmd_export, "bench-model": cmd_bench_model}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # TensorFlow's C++ start-up chatter (CUDA probes, CPU flags) says nothing a user can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return COMMANDS[args.command](args)
+    except ModelLoadError as exc:
+        print(f"movinet-worker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
