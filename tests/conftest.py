@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +137,54 @@ def lite_backend(models: Models):  # type: ignore[no-untyped-def]
     backend = load_stream_model(str(models.tflite), "litert", interpreters=2)
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis (or MOVINET_TEST_REDIS_URL); a private redis-server when none answers."""
+    import redis
+
+    url = os.environ.get("MOVINET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+        yield url
+        return
+    except redis.RedisError:
+        pass
+    from worker.demo import local_redis
+
+    with local_redis() as private:
+        yield private
+
+
+@pytest.fixture(scope="session")
+def real_backend(assets: Path):  # type: ignore[no-untyped-def]
+    from worker.backends import load_stream_model
+
+    backend = load_stream_model(str(assets / "movinet_int8.tflite"), "litert")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def labels600() -> list[str]:
+    """Kinetics-600 names: the real file when present, else placeholders (the model is random anyway)."""
+    path = ASSETS / "kinetics600_label_map.txt"
+    if path.is_file():
+        return path.read_text().splitlines()
+    return [f"class {i}" for i in range(600)]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[tuple[Any, str]]:
+    """A client and a key prefix private to one test; its keys are deleted afterwards."""
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"test:{uuid.uuid4().hex}"
+    yield client, prefix
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()

@@ -148,6 +148,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
     p.add_argument("--baseline-cameras", type=int, default=4)
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+
+    from worker.config import add_settings_arguments
+
+    p = sub.add_parser(
+        "run",
+        help="serve cameras: frames from Redis in, predictions out",
+        description="Read every camera's frame stream (frames:{camera}) with a consumer group, keep two "
+        "staggered MoViNet windows per camera on the model's slot clock, publish one prediction per "
+        "camera per slot to predictions:{camera}, export Prometheus metrics. SIGTERM drains and exits 0.",
+    )
+    add_settings_arguments(p)
+    p = sub.add_parser(
+        "config",
+        help="validate the configuration and print it (exit 2 naming a bad field)",
+        description="Merge defaults, environment and flags exactly as `run` does and print the result.",
+    )
+    add_settings_arguments(p)
+    p = sub.add_parser(
+        "check",
+        help="health check: exit 0 when the local worker is ready",
+        description="Exit 0 when the worker's metrics endpoint reports it ready (model loaded, serving) "
+        "and, with --redis, Redis answers a PING; else print why and exit 1. For liveness and "
+        "readiness probes.",
+    )
+    p.add_argument(
+        "--url", default=None, help="metrics URL (default: http://127.0.0.1:<metrics port>/metrics)"
+    )
+    p.add_argument("--redis", action="store_true", help="also PING Redis (REDIS_URL)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    add_settings_arguments(p)
+
+    p = sub.add_parser(
+        "tail",
+        help="print predictions as they arrive",
+        description="Follow predictions:{camera} streams (one camera, or all found) and print each "
+        "prediction: time, slot, frames of context and the top labels.",
+    )
+    p.add_argument("--camera", help="one camera (default: every predictions stream found)")
+    p.add_argument(
+        "--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[env: REDIS_URL]"
+    )
+    p.add_argument(
+        "--key-template",
+        default=_env("MOVINET_PREDICTIONS_KEY", "predictions:{{{camera}}}"),
+        help="[env: MOVINET_PREDICTIONS_KEY]",
+    )
+    p.add_argument("--from-start", action="store_true", help="print the retained history first")
+    p.add_argument("--count", type=int, default=None, help="exit after this many predictions")
+    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    from worker.publisher import add_publish_arguments
+
+    p = sub.add_parser(
+        "publish",
+        help="publish a video file, GIF or stream as a camera's frames",
+        description="Decode SOURCE with PyAV, resize and JPEG-encode frames and XADD them to the "
+        "camera's frame stream. Recorded files are stamped with their media time (entry IDs), so "
+        "they can be published faster than real time and still land on the right slots; live "
+        "sources use arrival time.",
+    )
+    add_publish_arguments(p)
+
+    p = sub.add_parser(
+        "demo",
+        help="run it all locally: Redis, a worker, a published clip, predictions",
+        description="Start a local redis-server when REDIS_URL is unset, run a worker with --model, "
+        "publish a clip as a camera and print the predictions, then stop everything it started.",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="clip to publish (default: the tutorial's jumping-jacks GIF, downloaded)",
+    )
+    p.add_argument("--camera", default="demo")
+    p.add_argument("--loops", type=int, default=1, help="publish the clip this many times back to back")
+    p.add_argument("--timeout", type=float, default=120.0, help="give up waiting for predictions after this")
+    add_settings_arguments(p)
     return parser
 
 
@@ -227,7 +305,88 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"classify": cmd_classify, "export-model": cmd_export, "bench-model": cmd_bench_model}
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.config import settings_from_args
+    from worker.runner import configure_logging, serve
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from worker.config import settings_from_args
+    from worker.runner import print_config
+
+    print_config(settings_from_args(args))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from worker.config import settings_from_args
+    from worker.runner import check
+
+    settings = settings_from_args(args)
+    url = args.url or f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    ok, message = check(url, settings.redis_url if args.redis else None, args.timeout)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    import redis
+
+    from worker.tail import follow, prediction_streams
+
+    client = redis.Redis.from_url(args.redis_url)
+    try:
+        follow(
+            client,
+            prediction_streams(client, args.key_template, args.camera),
+            from_start=args.from_start,
+            count=args.count,
+            timeout=args.timeout,
+            as_json=args.json,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from worker.publisher import cmd_publish as publish
+
+    return publish(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.config import settings_from_args
+    from worker.demo import TUTORIAL_CLIP, run_demo
+    from worker.runner import configure_logging
+
+    if not args.model:
+        raise SystemExit(
+            "demo needs a model: --model PATH (e.g. ../shared/assets/movinet_int8.tflite, a SavedModel "
+            "folder from export-model, or a TF Hub handle when online) or MOVINET_MODEL"
+        )
+    settings = settings_from_args(args, metrics_port=args.metrics_port or 0)
+    configure_logging("WARNING" if settings.log_level == "INFO" else settings.log_level)
+    return run_demo(settings, args.source or TUTORIAL_CLIP, args.camera, args.loops, args.timeout)
+
+
+COMMANDS = {
+    "classify": cmd_classify,
+    "export-model": cmd_export,
+    "bench-model": cmd_bench_model,
+    "run": cmd_run,
+    "config": cmd_config,
+    "check": cmd_check,
+    "tail": cmd_tail,
+    "publish": cmd_publish,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
