@@ -21,13 +21,13 @@ def run(frames: list[tuple[int, int]], start_timeline: CameraTimeline | None = N
     """Feed (ms, value) frames; returns {slot: (window start slot, frames, state)} and the timeline."""
     tl = start_timeline or CameraTimeline("cam", Clock.of(5), W, GAP, ())
     out = {}
-    for ms, value in frames:
-        work = tl.accept(ms, f"{ms}-0", img(value), ms)
-        for w in work or []:
-            states = tl.states_for(w.slot)
-            new = [(*s, int(w.image[0, 0, 0])) for s in states]
-            chosen = tl.advance(w.slot, new)
-            out[w.slot] = (chosen.start_slot, chosen.frames, chosen.state, w.repeated)
+    queued = []
+    for ms, value in frames:  # accept everything first, as the worker may, then step
+        queued.extend(tl.accept(ms, f"{ms}-0", img(value), ms) or [])
+    for w in queued:
+        new = [(*s, int(w.image[0, 0, 0])) for s in tl.states_for(w)]
+        chosen = tl.advance(w.slot, new)
+        out[w.slot] = (chosen.start_slot, chosen.frames, chosen.state, w.repeated)
     return out, tl
 
 

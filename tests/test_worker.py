@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.harness import Harness
+from worker.codec import encode_jpeg
 from worker.labels import softmax
 
 T0 = 1_700_000_000_000  # a fixed epoch ms on a slot boundary: slot = ms // 200 at 5 fps
@@ -124,3 +126,140 @@ def test_predictions_equal_the_base_model_on_their_window(
         h.metrics.registry.get_sample_value("movinet_frames_dropped_total") > 0
     )  # the 10 and 30 fps cameras
     assert h.metrics.registry.get_sample_value("movinet_frames_repeated_total") == 2  # the gap of c10
+
+
+def publish_clip(h: Harness, camera: str, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = (rng.random((172, 172, 3)) * rng.random((1, 1, 3)) * 255).astype(np.uint8)
+        h.publish_rgb(camera, T0 + i * 200, image, seq=i)
+
+
+def scores(h: Harness, camera: str) -> dict[int, list[tuple[str, float]]]:
+    return {p.slot: [(t.label, t.score) for t in p.top] for _, p in h.predictions(camera)}
+
+
+@pytest.mark.parametrize("how", ["graceful", "crash"])
+def test_restart_mid_stream_loses_and_duplicates_nothing(
+    harnesses, redis_url, lite_backend, labels600, how: str
+) -> None:
+    reference = new(harnesses, redis_url, lite_backend, labels600, window=8).start()
+    publish_clip(reference, "cam", 40, seed=21)
+    reference.wait_for(lambda: len(reference.predictions("cam")) == 40, what="reference run")
+    reference.stop()
+    expected = scores(reference, "cam")
+
+    first = new(harnesses, redis_url, lite_backend, labels600, window=8)
+    publish_clip(first, "cam", 25, seed=21)  # the same frames, the stream cut short
+    first.start()
+    first.wait_for(lambda: len(first.predictions("cam")) >= 13, what="first worker's predictions")
+    first.stop() if how == "graceful" else first.kill()
+    done = len(first.predictions("cam"))
+    assert 13 <= done <= 25
+    rng_all = np.random.default_rng(21)
+    images = [
+        (rng_all.random((172, 172, 3)) * rng_all.random((1, 1, 3)) * 255).astype(np.uint8) for _ in range(40)
+    ]
+    for i in range(25, 40):  # the rest arrives while no worker runs
+        first.publish_rgb("cam", T0 + i * 200, images[i], seq=i)
+    second = Harness(redis_url, lite_backend, labels600, prefix=first.prefix, window=8)
+    harnesses.append(second)
+    second.start()
+    second.wait_for(lambda: len(second.predictions("cam")) >= 40, what="second worker's predictions")
+    second.stop()
+    got = second.predictions("cam")
+    assert [p.slot for _, p in got] == sorted(expected)  # every slot once, in order
+    for slot, top in scores(second, "cam").items():
+        assert [label for label, _ in top] == [label for label, _ in expected[slot]], slot
+        np.testing.assert_allclose([s for _, s in top], [s for _, s in expected[slot]], rtol=1e-5)
+    assert second.client.xpending(second.frames_key("cam"), second.settings.group)["pending"] == 0
+
+
+def test_bad_entries_go_to_the_dead_letter_stream_and_the_camera_carries_on(
+    harnesses, redis_url, lite_backend, labels600
+) -> None:
+    h = new(harnesses, redis_url, lite_backend, labels600, max_frame_bytes=200_000)
+    key = h.frames_key("cam")
+    good = np.full((172, 172, 3), 90, np.uint8)
+    jpeg = encode_jpeg(good)
+    base = {"v": "1", "camera": "cam", "seq": "1", "encoding": "jpeg", "data": jpeg}
+    bad = {
+        "missing_field": {k: v for k, v in base.items() if k != "data"},
+        "bad_type": {**base, "seq": "abc"},
+        "bad_encoding": {**base, "encoding": "webp"},
+        "bad_version": {**base, "v": "9"},
+        "undecodable": {**base, "data": jpeg[: len(jpeg) // 3]},
+        "too_large": {**base, "data": b"\xff" * 300_000},
+        "wrong_size": {**base, "encoding": "rgb24", "width": "10", "height": "10", "data": b"\x00" * 299},
+        "wrong_camera": {**base, "camera": "other"},
+    }
+    h.publish_rgb("cam", T0, good, seq=0)
+    ms = T0 + 200
+    for fields in bad.values():
+        h.client.xadd(key, fields, id=f"{ms}-0")
+        ms += 200
+    h.publish_rgb("cam", ms, good, seq=99)
+    h.start()
+    h.wait_for(lambda: h.client.xlen(h.settings.deadletter_stream) == len(bad), what="dead letters")
+    h.wait_for(lambda: any(p.slot == ms // 200 for _, p in h.predictions("cam")), what="the last good frame")
+    h.stop()
+    from schemas.messages import DeadLetter
+
+    letters = [DeadLetter.from_fields(f) for _, f in h.client.xrange(h.settings.deadletter_stream)]
+    assert sorted(d.reason for d in letters) == sorted(bad)
+    assert all(d.camera == "cam" and d.stream == key and d.detail for d in letters)
+    assert all("data" not in d.fields or d.fields["data"] > 0 for d in letters)
+    for reason in bad:
+        assert (
+            h.metrics.registry.get_sample_value("movinet_frames_deadlettered_total", {"reason": reason}) == 1
+        )
+    assert h.client.xpending(key, h.settings.group)["pending"] == 0
+    # The gap left by the bad entries is longer than max_gap: the last frame starts afresh.
+    assert [(p.slot - T0 // 200, p.frames) for _, p in h.predictions("cam")] == [(0, 1), (9, 1)]
+
+
+def test_frame_written_with_redis_cli_as_in_the_readme(
+    harnesses, redis_url, lite_backend, labels600, tmp_path: Path
+) -> None:
+    import shutil
+    from urllib.parse import urlparse
+
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli not installed")
+    h = new(harnesses, redis_url, lite_backend, labels600).start()
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(encode_jpeg(np.full((240, 320, 3), 128, np.uint8)))
+    url = urlparse(redis_url)
+    key = h.frames_key("cam1")
+    # README: redis-cli -x XADD 'frames:{cam1}' '*' v 1 camera cam1 seq 0 encoding jpeg data < frame.jpg
+    with image.open("rb") as stdin:
+        subprocess.run(
+            [
+                cli,
+                "-h",
+                url.hostname or "127.0.0.1",
+                "-p",
+                str(url.port or 6379),
+                "-x",
+                "XADD",
+                key,
+                "*",
+                "v",
+                "1",
+                "camera",
+                "cam1",
+                "seq",
+                "0",
+                "encoding",
+                "jpeg",
+                "data",
+            ],
+            stdin=stdin,
+            check=True,
+            capture_output=True,
+        )
+    h.wait_for(lambda: len(h.predictions("cam1")) == 1, what="a prediction")
+    h.stop()
+    assert h.client.xlen(h.settings.deadletter_stream) == 0
+    assert h.predictions("cam1")[0][1].frames == 1

@@ -53,6 +53,7 @@ class SlotWork:
     capture_ms: int
     repeated: bool
     entry_ids: list[str]  # entries acknowledged once this slot is published (empty for repeats)
+    restart: bool = False  # a long gap came before: both windows start afresh here
 
 
 @dataclasses.dataclass
@@ -84,12 +85,13 @@ class CameraTimeline:
         """Slot work for a frame at `ms`; None when the frame is dropped (its slot is taken)."""
         slot = self.clock.slot(ms)
         work: list[SlotWork] = []
+        restart = False
         if self.last_slot is not None:
             if slot <= self.last_slot:
                 return None
             gap = slot - self.last_slot - 1
             if gap > self.max_gap:
-                self._restart()
+                restart = True  # applied when stepped: earlier slots may still be queued
             elif gap > 0 and self.last_image is not None:
                 work = [
                     SlotWork(self.camera, s, self.last_image, self.last_capture_ms, True, [])
@@ -98,18 +100,17 @@ class CameraTimeline:
         self.last_slot = slot
         self.last_image = image
         self.last_capture_ms = capture_ms
-        work.append(SlotWork(self.camera, slot, image, capture_ms, False, [entry_id]))
+        work.append(SlotWork(self.camera, slot, image, capture_ms, False, [entry_id], restart))
         return work
 
-    def _restart(self) -> None:
-        """After a long gap the old context is stale: start both windows from the next frame."""
-        for w in self.windows:
-            w.state, w.frames = self.zero, 0
+    def states_for(self, work: SlotWork) -> list[Any]:
+        """The two window states to step for a slot, each reset first if the slot starts its window.
 
-    def states_for(self, slot: int) -> list[Any]:
-        """The two window states to step for `slot`, each reset first if the slot starts its window."""
+        After a long gap the old context is stale, so both windows start afresh at the slot.
+        """
+        slot = work.slot
         for w in self.windows:
-            if slot % self.window == w.phase or w.frames == 0:
+            if work.restart or slot % self.window == w.phase or w.frames == 0:
                 w.state, w.frames, w.start_slot = self.zero, 0, slot
         return [w.state for w in self.windows]
 

@@ -395,7 +395,7 @@ class Worker:
             for i, work in enumerate(batch):
                 timeline = self.cameras[work.camera].timeline
                 assert timeline is not None
-                states.extend(timeline.states_for(work.slot))
+                states.extend(timeline.states_for(work))
                 images[2 * i] = images[2 * i + 1] = work.image
             started = time.perf_counter()
             logits, new_states = await loop.run_in_executor(self._model_pool, self._step, images, states)
