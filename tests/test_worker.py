@@ -263,3 +263,72 @@ def test_frame_written_with_redis_cli_as_in_the_readme(
     h.stop()
     assert h.client.xlen(h.settings.deadletter_stream) == 0
     assert h.predictions("cam1")[0][1].frames == 1
+
+
+def test_run_command_drains_on_sigterm_and_exits_zero(redis_url, models, labels600, tmp_path: Path) -> None:
+    """The real `movinet-worker run` process: serves, reports ready, then SIGTERM within the grace period."""
+    import os
+    import signal
+    import sys
+    import time
+    import uuid
+
+    import redis as redis_lib
+
+    from tests.harness import settings_for
+    from worker.demo import free_port
+    from worker.runner import check
+
+    prefix = "t" + uuid.uuid4().hex[:10]
+    settings = settings_for(redis_url, prefix)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(labels600) + "\n")
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "MOVINET_MODEL": str(models.tflite),
+        "MOVINET_LABELS": str(labels),
+        "MOVINET_METRICS_PORT": str(port),
+        "MOVINET_FRAMES_KEY": settings.frames_key,
+        "MOVINET_PREDICTIONS_KEY": settings.predictions_key,
+        "MOVINET_CONTROL_STREAM": settings.control_stream,
+        "MOVINET_DEADLETTER_STREAM": settings.deadletter_stream,
+        "MOVINET_GRACE_SECONDS": "10",
+    }
+    client = redis_lib.Redis.from_url(redis_url)
+    h = Harness(redis_url, None, labels600, prefix=prefix)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--block-ms", "20"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        h.wait_for(lambda: check(url, redis_url)[0], timeout=120, what="readiness")
+        publish_clip(h, "cam", 10, seed=3)
+        h.wait_for(lambda: len(h.predictions("cam")) == 10, what="predictions")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+        assert not check(url, None, timeout=1)[0]
+        assert "stopped" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        h.cleanup()
+        client.close()
+
+
+def test_bad_config_names_the_field() -> None:
+    from tests.conftest import run_cli
+
+    proc = run_cli("config", "--top-k", "0", "--frames-key", "frames:nocamera", check=False)
+    assert proc.returncode != 0
+    assert "top_k (--top-k / MOVINET_TOP_K)" in proc.stderr
+    assert "frames_key (--frames-key / MOVINET_FRAMES_KEY)" in proc.stderr
+    ok = run_cli("config", "--top-k", "3")
+    assert '"top_k": 3' in ok.stdout
+    assert run_cli("check", "--metrics-port", "1", check=False).returncode == 1
