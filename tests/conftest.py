@@ -26,8 +26,11 @@ def _cache_root() -> Path:
     return Path(os.environ.get("MOVINET_TEST_MODELS", cache_dir() / "test-models"))
 
 
-def run_cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run_cli(
+    *args: str, timeout: float = 900, check: bool = True, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     proc = subprocess.run(
         [sys.executable, "-m", "worker", *args],
         capture_output=True,

@@ -161,3 +161,67 @@ def test_bench_model_prints_every_backend_next_to_the_baseline(models, tmp_path:
     assert [r["backend"] for r in rows] == ["tutorial", "tfhub", "tfhub"] + ["litert"] * 4
     assert all(r["frames_per_second"] > 0 and r["vs_baseline"] > 0 for r in rows)
     assert "x baseline" in proc.stdout and "tutorial" in proc.stdout
+
+
+def test_demo_runs_everything_with_its_own_redis(assets: Path) -> None:
+    """The README's first command: a private redis-server, a worker, the clip, predictions, all stopped."""
+    proc = run_cli(
+        "demo",
+        "--model",
+        str(assets / "movinet_int8.tflite"),
+        "--labels",
+        str(assets / "kinetics600_label_map.txt"),
+        "--source",
+        str(assets / "videos" / "jumpingjack.gif"),
+        timeout=300,
+        unset=("REDIS_URL", "MOVINET_REDIS_URL"),
+    )
+    lines = proc.stdout.splitlines()
+    predictions = [line for line in lines if line.startswith("demo ")]
+    assert len(predictions) >= 8
+    assert "jumping jacks" in predictions[-1].split("]")[-1].split("|")[0]
+    assert lines[-1].endswith("worker stopped, local redis stopped")
+
+
+def test_demo_without_a_model_says_what_to_pass() -> None:
+    proc = run_cli("demo", check=False, unset=("MOVINET_MODEL",))
+    assert proc.returncode != 0 and "--model PATH" in proc.stderr
+
+
+def test_tail_prints_published_predictions(r) -> None:  # type: ignore[no-untyped-def]
+    from schemas.messages import Prediction, TopLabel
+
+    client, prefix = r
+    key = prefix + ":predictions:{cam}"
+    for slot in (10, 11):
+        p = Prediction(
+            camera="cam",
+            slot=slot,
+            start_ms=slot * 200,
+            end_ms=slot * 200 + 200,
+            window_start_ms=0,
+            frames=slot,
+            repeated=False,
+            capture_ms=slot * 200,
+            model="m",
+            worker="w",
+            top=[TopLabel(label="jumping jacks", score=0.9), TopLabel(label="zumba", score=0.1)],
+        )
+        client.xadd(key, p.to_fields(), id=f"{slot * 200}-0")
+    url = client.connection_pool.connection_kwargs
+    redis_url = f"redis://{url.get('host', '127.0.0.1')}:{url.get('port', 6379)}/{url.get('db', 0)}"
+    proc = run_cli(
+        "tail",
+        "--camera",
+        "cam",
+        "--key-template",
+        prefix + ":predictions:{{{camera}}}",
+        "--redis-url",
+        redis_url,
+        "--from-start",
+        "--count",
+        "2",
+        timeout=60,
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and "slot 11" in lines[1] and "jumping jacks 0.900 | zumba 0.100" in lines[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -332,3 +333,46 @@ def test_bad_config_names_the_field() -> None:
     ok = run_cli("config", "--top-k", "3")
     assert '"top_k": 3' in ok.stdout
     assert run_cli("check", "--metrics-port", "1", check=False).returncode == 1
+
+
+def test_control_stream_subscribes_and_unsubscribes(harnesses, redis_url, lite_backend, labels600) -> None:
+    from schemas.messages import ControlMessage
+
+    h = new(harnesses, redis_url, lite_backend, labels600, discover=False).start()
+    publish_clip(h, "cam", 3, seed=5)
+    time.sleep(1.0)
+    assert h.predictions("cam") == []  # not discovered, not subscribed: not served
+    control = h.settings.control_stream
+    h.client.xadd(control, ControlMessage(action="subscribe", camera="cam", top_k=2).to_fields())
+    h.wait_for(lambda: len(h.predictions("cam")) == 3, what="predictions after subscribe")
+    assert all(len(p.top) == 2 for _, p in h.predictions("cam"))  # the per-camera option
+    h.client.xadd(control, ControlMessage(action="unsubscribe", camera="cam").to_fields())
+    h.wait_for(lambda: "cam" not in h.worker.cameras, what="camera dropped")  # type: ignore[union-attr]
+    h.client.xadd(control, {"v": "1", "action": "explode", "camera": "cam"})  # bad control entry
+    h.wait_for(lambda: h.client.xlen(h.settings.deadletter_stream) == 1, what="control dead letter")
+    rng = np.random.default_rng(0)
+    h.publish_rgb("cam", T0 + 10_000, (rng.random((172, 172, 3)) * 255).astype(np.uint8), seq=50)
+    h.stop()
+    assert len(h.predictions("cam")) == 3  # nothing after unsubscribe
+
+
+def test_idle_camera_state_is_freed_and_its_series_removed(
+    harnesses, redis_url, lite_backend, labels600
+) -> None:
+    h = new(harnesses, redis_url, lite_backend, labels600, idle_timeout_seconds=1.5).start()
+    publish_clip(h, "cam", 3, seed=6)
+    h.wait_for(lambda: len(h.predictions("cam")) == 3, what="predictions")
+    registry = h.metrics.registry
+    assert registry.get_sample_value("movinet_cameras_active") == 1
+    assert registry.get_sample_value("movinet_input_lag_seconds", {"camera": "cam"}) is not None
+    h.wait_for(lambda: registry.get_sample_value("movinet_cameras_active") == 0, timeout=10, what="eviction")
+    assert registry.get_sample_value("movinet_input_lag_seconds", {"camera": "cam"}) is None
+    assert h.worker is not None and h.worker.cameras["cam"].timeline is None
+    # It comes back: served again from a fresh state.
+    rng = np.random.default_rng(1)
+    h.publish_rgb("cam", T0 + 60_000, (rng.random((172, 172, 3)) * 255).astype(np.uint8), seq=9)
+    h.wait_for(lambda: len(h.predictions("cam")) == 4, what="prediction after idle")
+    h.stop()
+    assert h.predictions("cam")[-1][1].frames == 1
+    assert registry.get_sample_value("movinet_predictions_published_total") == 4
+    assert registry.get_sample_value("movinet_frames_received_total") == 4
