@@ -106,12 +106,24 @@ class Settings(BaseSettings):
         "all",
         description="where a camera seen for the first time starts: its retained history, or new frames",
     )
+    redis_cluster: bool = Field(False, description="REDIS_URL names a node of a Redis Cluster")
+    lease_seconds: float = Field(
+        8.0,
+        gt=0.5,
+        le=600,
+        description="camera lease: a dead worker's cameras are taken over this long after its last renewal",
+    )
+    heartbeat_seconds: float = Field(
+        2.0, gt=0.05, le=60, description="how often leases and the worker registry are renewed and rebalanced"
+    )
+    owner_key: str = Field("owner:{{{camera}}}", description="camera lease key template")
+    workers_key: str = Field("workers", description="sorted set of live workers (score: heartbeat expiry)")
     grace_seconds: float = Field(
         20.0, gt=0, le=3600, description="on SIGTERM: finish the slot, publish and ack within this time"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @field_validator("frames_key", "predictions_key")
+    @field_validator("frames_key", "predictions_key", "owner_key")
     @classmethod
     def _has_camera(cls, value: str) -> str:
         try:
@@ -141,6 +153,9 @@ class Settings(BaseSettings):
 
     def predictions_stream(self, camera: str) -> str:
         return self.predictions_key.format(camera=camera)
+
+    def owner(self, camera: str) -> str:
+        return self.owner_key.format(camera=camera)
 
     def camera_from_frames_key(self, key: str) -> str | None:
         prefix, _, suffix = self.frames_key.partition("{camera}")

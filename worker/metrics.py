@@ -81,6 +81,32 @@ class Metrics:
             "movinet_redis_errors_total", "Redis calls that failed (then retried with backoff)", registry=r
         )
 
+        self.cameras_owned = Gauge(
+            "movinet_cameras_owned", "Cameras whose lease this worker holds", registry=r
+        )
+        self.leases_acquired = Counter(
+            "movinet_leases_acquired_total", "Camera leases taken (start, rebalance, takeover)", registry=r
+        )
+        self.leases_lost = Counter(
+            "movinet_leases_lost_total",
+            "Camera leases found lost (expired, or fenced at publish)",
+            registry=r,
+        )
+        self.leases_taken_over = Counter(
+            "movinet_leases_taken_over_total", "Cameras taken over from another worker", registry=r
+        )
+        self.takeover_replay_frames = Counter(
+            "movinet_takeover_replay_frames_total",
+            "Entries re-read to rebuild windows after taking a camera",
+            registry=r,
+        )
+        self.takeover_replay_seconds = Histogram(
+            "movinet_takeover_replay_seconds",
+            "From taking a camera's lease to its first new prediction",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+
     def forget_camera(self, camera: str) -> None:
         """Drop a departed camera's label series so they do not linger at their last value."""
         with contextlib.suppress(KeyError):

@@ -1,13 +1,15 @@
 """The worker: frames in from Redis Streams, one batched model step per round, predictions out.
 
-Three asyncio tasks share one event loop: the reader (XREADGROUP over every camera's stream, decode,
-place frames on slots), the stepper (one slot per camera per round, all cameras in one backend call
-run in a thread, so reading and decoding go on while the model computes) and the control reader
-(subscriptions). Entries are acknowledged in the same pipeline that publishes their predictions.
+Four asyncio tasks share one event loop: the owner (heartbeat, leases, balance), the reader (XREAD
+from each owned camera's position, decode, place frames on slots), the stepper (one slot per camera
+per round, all cameras in one backend call run in a thread, so reading and decoding go on while the
+model computes) and the control reader (subscriptions).
 
-Exactly once: a prediction's entry ID is derived from its slot, so Redis itself refuses a second
-one, and a camera picked up again (restart) replays its frames from the start of its current
-windows: the stream is the log, and the windows are a pure function of it (see `camera.py`).
+Exactly once: a prediction's entry ID is derived from its slot, so Redis refuses a second one; it is
+published by a script that checks the camera's lease (fencing) and moves the camera's committed
+position (its consumer group's last-delivered ID) in the same step. A camera picked up (start,
+restart, takeover) replays its frames from the start of its current windows: the stream is the log,
+and the windows are a pure function of it (see `camera.py`).
 """
 
 from __future__ import annotations
@@ -24,26 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas.messages import (
-    ControlMessage,
-    DeadLetter,
-    Frame,
-    MessageError,
-    Prediction,
-    TopLabel,
-    field_sizes,
-)
+from schemas.messages import ControlMessage, DeadLetter, Frame, MessageError, Prediction
 from worker.backends import Backend
 from worker.camera import CameraTimeline, Clock, SlotWork
 from worker.codec import decode_image
 from worker.config import Settings
-from worker.labels import softmax, top_k
 from worker.metrics import Metrics
+from worker.ownership import PUBLISH, Ownership, assign
+from worker.publishing import Row, dead_letter, id_key, make_prediction, script_args
 
 log = logging.getLogger("movinet.worker")
 
@@ -51,10 +45,6 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 # After a failed Redis call: wait this long, doubling up to the cap, then try again.
 BACKOFF_START_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
-
-
-def _ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
 
 
 def _text(value: bytes | str) -> str:
@@ -68,14 +58,19 @@ class Camera:
     out: str
     clock: Clock
     top_k: int
+    owned: bool = False  # this worker holds the lease
+    resumed: bool = False  # position and windows rebuilt since the lease was taken
+    release: bool = False  # hand over between two rounds
     timeline: CameraTimeline | None = None
     pending: deque[SlotWork] = dataclasses.field(default_factory=deque)
+    cursor: str = "0-0"  # last entry read
+    committed: str = "0-0"  # position committed when the lease was taken
     published_slot: int | None = None  # last slot with a prediction in the output stream
+    acquired_at: float = 0.0
+    replayed: int = 0
     newest_ms: int = 0  # start of the newest slot published
     lag: float = 0.0  # wall clock minus newest_ms when it was published
     seen_at: float = dataclasses.field(default_factory=time.monotonic)
-    resumed: bool = False
-    drop_acks: list[str] = dataclasses.field(default_factory=list)
 
 
 class Worker:
@@ -84,7 +79,7 @@ class Worker:
         settings: Settings,
         backend: Backend,
         labels: list[str],
-        redis: aioredis.Redis,
+        redis: Any,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
@@ -92,22 +87,23 @@ class Worker:
         self.labels = labels
         self.redis = redis
         self.metrics = metrics or Metrics()
+        self.ownership = Ownership(redis, settings)
         info = backend.info
         self.fps = settings.fps or info.fps
         self.window = settings.window or info.clip_frames
         self.size = (info.height, info.width)
         self.model_name = Path(info.source).name or info.source
-        self.cameras: dict[str, Camera] = {}
+        self.cameras: dict[str, Camera] = {}  # known: discovered or subscribed; owned ones hold state
         self.subscribed: dict[str, ControlMessage] = {}
         self.unsubscribed: set[str] = set()
         self.stopping = asyncio.Event()
         self._work = asyncio.Event()
+        self._space = asyncio.Event()  # set by the stepper: queues have room to read into
         self._model_pool = ThreadPoolExecutor(1, "model")
         self._last_discovery = 0.0
         self._control_id = "0-0"
-        self._dead_letters: list[tuple[str, str, DeadLetter]] = []
-        self._space = asyncio.Event()  # set by the stepper: queues have room to read into
-        # Read no more for a camera with this many slots queued: the rest waits in Redis, unacked.
+        self._dead_letters: list[DeadLetter] = []
+        # Read no more for a camera with this many slots queued: the rest waits in Redis.
         self._max_pending = 2 * settings.read_count
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -124,21 +120,31 @@ class Worker:
             self._work.set()
 
     async def run(self) -> None:
-        """Serve until `request_stop`; then drain within the grace period and return."""
+        """Serve until `request_stop`; then drain within the grace period, hand over and return."""
         self.metrics.up.set(1)
-        reader = asyncio.create_task(self._guarded(self._read_once), name="reader")
-        control = asyncio.create_task(self._guarded(self._control_once), name="control")
+        tasks = [
+            asyncio.create_task(self._guarded(self._own_once), name="owner"),
+            asyncio.create_task(self._guarded(self._read_once), name="reader"),
+            asyncio.create_task(self._guarded(self._control_once), name="control"),
+        ]
         stepper = asyncio.create_task(self._step_loop(), name="stepper")
+        stepper.add_done_callback(lambda _: self.request_stop())  # it only ends on stop, or on a bug
         await self.stopping.wait()
         self.metrics.up.set(0)
-        for task in (reader, control):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(reader, control, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._work.set()
         try:
             await asyncio.wait_for(stepper, timeout=self.settings.grace_seconds)
         except asyncio.TimeoutError:
-            log.warning("grace period over with work pending; unacknowledged frames stay in Redis")
+            log.warning("grace period over with work pending; the next owner replays it")
+        if stepper.done() and not stepper.cancelled() and stepper.exception() is not None:
+            raise RuntimeError("the model stepper failed") from stepper.exception()
+        with contextlib.suppress(*REDIS_ERRORS, ResponseError):
+            for name in list(self.ownership.held):
+                await self.ownership.release(name)
+            await self.ownership.deregister()
         self._model_pool.shutdown(wait=False)
 
     async def _guarded(self, once: Any) -> None:
@@ -148,32 +154,23 @@ class Worker:
             try:
                 await once()
                 delay = BACKOFF_START_SECONDS
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, ResponseError) as exc:
                 self.metrics.redis_errors.inc()
-                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
-            except ResponseError as exc:
-                # A stream or group deleted under us (NOGROUP): join again and replay.
-                self.metrics.redis_errors.inc()
-                log.warning("redis refused a call (%s); re-joining camera streams", exc)
-                for cam in self.cameras.values():
-                    cam.resumed = False
+                log.warning("redis call failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
-    # ---- cameras ---------------------------------------------------------------------------
+    # ---- cameras and ownership -------------------------------------------------------------
 
     def _camera(self, name: str) -> Camera:
         cam = self.cameras.get(name)
         if cam is None:
             sub = self.subscribed.get(name)
-            fps = sub.fps if sub and sub.fps else self.fps
             cam = Camera(
                 name=name,
                 stream=self.settings.frames_stream(name),
                 out=self.settings.predictions_stream(name),
-                clock=Clock.of(fps),
+                clock=Clock.of(sub.fps if sub and sub.fps else self.fps),
                 top_k=sub.top_k if sub and sub.top_k else self.settings.top_k,
             )
             self.cameras[name] = cam
@@ -184,7 +181,18 @@ class Worker:
             cam.timeline = CameraTimeline(
                 cam.name, cam.clock, self.window, self.settings.max_gap_slots, self.backend.init_state()
             )
+            self._count_active()
         return cam.timeline
+
+    def _count_active(self) -> None:
+        self.metrics.cameras.set(sum(1 for c in self.cameras.values() if c.timeline is not None))
+
+    def _drop_state(self, cam: Camera) -> None:
+        cam.timeline = None
+        cam.pending.clear()
+        cam.resumed = False
+        self.metrics.forget_camera(cam.name)
+        self._count_active()
 
     async def _discover(self) -> None:
         now = time.monotonic()
@@ -192,51 +200,75 @@ class Worker:
             return
         self._last_discovery = now
         pattern = self.settings.frames_key.format(camera="*")
-        async for key in self.redis.scan_iter(match=pattern, _type="stream", count=1000):
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
             name = self.settings.camera_from_frames_key(_text(key))
             if name and name not in self.cameras and name not in self.unsubscribed:
                 self._camera(name)
 
+    async def _own_once(self) -> None:
+        """Heartbeat, renew leases, and take or hand over cameras to match the shared assignment."""
+        await self._discover()
+        live = await self.ownership.heartbeat()
+        for name in await self.ownership.renew():
+            cam = self.cameras.get(name)
+            log.warning("camera %s: lease lost; state dropped", name)
+            self.metrics.leases_lost.inc()
+            if cam is not None:
+                cam.owned = False
+                self._drop_state(cam)
+        wanted = assign(list(self.cameras), live)
+        for name, cam in self.cameras.items():
+            mine = wanted.get(name) == self.settings.worker_id
+            if mine and not cam.owned and await self.ownership.acquire(name):
+                cam.owned, cam.resumed, cam.release = True, False, False
+                cam.acquired_at = time.monotonic()
+                self.metrics.leases_acquired.inc()
+                log.info("camera %s: lease acquired", name)
+            elif cam.owned and not mine:
+                cam.release = True  # the stepper hands it over between two rounds
+                self._work.set()
+        self._evict_idle()
+        self.metrics.cameras_owned.set(sum(1 for c in self.cameras.values() if c.owned))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_seconds)
+
+    async def _hand_over(self) -> None:
+        for cam in self.cameras.values():
+            if cam.release and cam.owned:
+                cam.owned, cam.release = False, False
+                self._drop_state(cam)
+                await self.ownership.release(cam.name)
+                self.metrics.cameras_owned.set(sum(1 for c in self.cameras.values() if c.owned))
+                log.info("camera %s handed over", cam.name)
+
     async def _resume(self, cam: Camera) -> None:
-        """Join the consumer group and rebuild the windows from the stream (restart, takeover)."""
+        """Rebuild position and windows after taking the lease (start, restart, takeover)."""
         start = "0" if self.settings.start_from == "all" else "$"
         try:
             await self.redis.xgroup_create(cam.stream, self.settings.group, id=start, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        last = await self.redis.xrevrange(cam.out, count=1)
-        if last:
-            cam.published_slot = Prediction.from_fields(last[0][1]).slot
-        delivered = "0-0"
         groups = await self.redis.xinfo_groups(cam.stream)
-        for group in groups:
-            if _text(group["name"]) == self.settings.group:
-                delivered = _text(group["last-delivered-id"])
-        if delivered == "0-0":
-            cam.resumed = True
-            return
-        if cam.published_slot is not None:
-            first_slot = self._timeline(cam).replay_start_slot(cam.published_slot + 1)
-            start_id = f"{max(cam.clock.start_ms(first_slot), 0)}-0"
-        else:
-            pending = await self.redis.xpending(cam.stream, self.settings.group)
-            if not pending or not pending.get("min"):
-                cam.resumed = True
-                return
-            start_id = _text(pending["min"])
-        replayed = 0
-        while True:
-            batch = await self.redis.xrange(cam.stream, min=start_id, max=delivered, count=500)
-            for entry_id, fields in batch:
-                self._ingest(cam, _text(entry_id), fields, replay=True)
-                replayed += 1
-            if len(batch) < 500:
-                break
-            start_id = "(" + _text(batch[-1][0])
+        cam.committed = next(
+            (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == self.settings.group), "0-0"
+        )
+        last = await self.redis.xrevrange(cam.out, count=1)
+        previous = Prediction.from_fields(last[0][1]) if last else None
+        cam.published_slot = previous.slot if previous else None
+        cam.timeline = None
+        cam.pending.clear()
+        timeline = self._timeline(cam)
+        cam.cursor = cam.committed
+        if previous is not None:
+            first_slot = timeline.replay_start_slot(previous.slot + 1)
+            replay_from = (max(cam.clock.start_ms(first_slot), 1) - 1, 2**63 - 1)
+            if replay_from < id_key(cam.committed):
+                cam.cursor = f"{replay_from[0]}-{replay_from[1]}"
+            if previous.worker != self.settings.worker_id:
+                self.metrics.leases_taken_over.inc()
+        cam.replayed = 0
         cam.resumed = True
-        if replayed:
-            log.info("camera %s: replayed %d entries up to %s", cam.name, replayed, delivered)
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
@@ -246,49 +278,53 @@ class Worker:
                 log.info("camera %s idle for %.0fs: state freed", cam.name, now - cam.seen_at)
                 cam.timeline = None
                 self.metrics.forget_camera(cam.name)
-        self.metrics.cameras.set(sum(1 for c in self.cameras.values() if c.timeline is not None))
+        self._count_active()
 
     # ---- reading ---------------------------------------------------------------------------
 
     async def _read_once(self) -> None:
-        await self._discover()
-        self._evict_idle()
         for cam in list(self.cameras.values()):
-            if not cam.resumed:
+            if cam.owned and not cam.resumed:
                 await self._resume(cam)
-                self._work.set()
-        streams = {
-            cam.stream: ">"
-            for cam in self.cameras.values()
-            if cam.resumed and len(cam.pending) < self._max_pending
-        }
-        if not streams:
-            # Nothing to read (no cameras, or all queues full): wait for room or the next look.
+        ready = [
+            c for c in self.cameras.values() if c.owned and c.resumed and len(c.pending) < self._max_pending
+        ]
+        if not ready:
             self._space.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._space.wait(), self.settings.block_ms / 1000)
             return
-        response = await self.redis.xreadgroup(
-            self.settings.group,
-            self.settings.worker_id,
-            streams,
-            count=self.settings.read_count,
-            block=self.settings.block_ms,
-        )
-        by_stream = {cam.stream: cam for cam in self.cameras.values()}
+        if self.settings.redis_cluster:
+            # A cluster refuses one command across shards: one non-blocking read per camera, pipelined.
+            pipe = self.redis.pipeline(transaction=False)
+            for cam in ready:
+                pipe.xread({cam.stream: cam.cursor}, count=self.settings.read_count)
+            replies = await pipe.execute()
+            response = [item for reply in replies for item in (reply or [])]
+            if not response:
+                await asyncio.sleep(self.settings.block_ms / 1000)
+        else:
+            response = await self.redis.xread(
+                {cam.stream: cam.cursor for cam in ready},
+                count=self.settings.read_count,
+                block=self.settings.block_ms,
+            )
+        by_stream = {cam.stream: cam for cam in ready}
         for stream, entries in response or []:
             owner = by_stream.get(_text(stream))
-            if owner is None:
+            if owner is None or not owner.owned:
                 continue
             for entry_id, fields in entries:
-                self._ingest(owner, _text(entry_id), fields, replay=False)
+                self._ingest(owner, _text(entry_id), fields)
         self._work.set()
 
-    def _ingest(self, cam: Camera, entry_id: str, fields: dict[Any, Any], replay: bool) -> None:
+    def _ingest(self, cam: Camera, entry_id: str, fields: dict[Any, Any]) -> None:
         """Validate and decode one entry and queue its slot work; bad entries go to the dead letters."""
+        cam.cursor = entry_id
         self.metrics.frames_received.inc()
         cam.seen_at = time.monotonic()
-        ms = _ms(entry_id)
+        replay = id_key(entry_id) <= id_key(cam.committed)
+        cam.replayed += replay
         try:
             size = sum(len(v) for v in fields.values())
             if size > self.settings.max_frame_bytes:
@@ -299,32 +335,20 @@ class Worker:
                 raise MessageError("wrong_camera", f"frame names camera {frame.camera!r}")
             image = decode_image(frame, self.size, self.settings.max_frame_pixels)
         except MessageError as exc:
-            already = replay and cam.published_slot is not None and cam.clock.slot(ms) <= cam.published_slot
-            if not already:
-                self._dead_letter(cam, entry_id, fields, exc)
+            if not replay:  # a replayed entry was dead-lettered the first time round
+                log.warning("camera %s entry %s dead-lettered: %s", cam.name, entry_id, exc)
+                self.metrics.frames_deadlettered.labels(exc.reason).inc()
+                self._dead_letters.append(
+                    dead_letter(cam.stream, cam.name, entry_id, fields, exc, worker=self.settings.worker_id)
+                )
             return
+        ms = int(entry_id.split("-", 1)[0])
         work = self._timeline(cam).accept(ms, entry_id, image, frame.capture_ms or ms)
         if work is None:
             self.metrics.frames_dropped.inc()
-            cam.drop_acks.append(entry_id)
             return
         self.metrics.frames_repeated.inc(sum(1 for w in work if w.repeated))
         cam.pending.extend(work)
-
-    def _dead_letter(self, cam: Camera, entry_id: str, fields: dict[Any, Any], exc: MessageError) -> None:
-        log.warning("camera %s entry %s dead-lettered: %s", cam.name, entry_id, exc)
-        self.metrics.frames_deadlettered.labels(exc.reason).inc()
-        letter = DeadLetter(
-            stream=cam.stream,
-            entry_id=entry_id,
-            camera=cam.name,
-            reason=exc.reason,
-            detail=exc.detail,
-            worker=self.settings.worker_id,
-            at_ms=int(time.time() * 1000),
-            fields=field_sizes(fields),
-        )
-        self._dead_letters.append((cam.stream, entry_id, letter))
 
     # ---- control ---------------------------------------------------------------------------
 
@@ -336,55 +360,45 @@ class Worker:
             for entry_id, fields in entries:
                 self._control_id = _text(entry_id)
                 try:
-                    msg = ControlMessage.from_fields(fields)
+                    self._apply_control(ControlMessage.from_fields(fields))
                 except MessageError as exc:
                     log.warning("control entry %s rejected: %s", self._control_id, exc)
                     self.metrics.frames_deadlettered.labels(exc.reason).inc()
-                    await self.redis.xadd(
-                        self.settings.deadletter_stream,
-                        DeadLetter(
-                            stream=self.settings.control_stream,
-                            entry_id=self._control_id,
-                            camera="",
-                            reason=exc.reason,
-                            detail=exc.detail,
-                            worker=self.settings.worker_id,
-                            at_ms=int(time.time() * 1000),
-                            fields=field_sizes(fields),
-                        ).to_fields(),
-                        maxlen=self.settings.deadletter_maxlen,
-                        approximate=True,
+                    stream = self.settings.control_stream
+                    self._dead_letters.append(
+                        dead_letter(stream, "", self._control_id, fields, exc, worker=self.settings.worker_id)
                     )
-                    continue
-                self._apply_control(msg)
+                    self._work.set()
 
     def _apply_control(self, msg: ControlMessage) -> None:
         if msg.action == "subscribe":
             self.subscribed[msg.camera] = msg
             self.unsubscribed.discard(msg.camera)
-            cam = self.cameras.get(msg.camera)
-            if cam is not None:  # new options apply from now on
-                if msg.top_k:
-                    cam.top_k = msg.top_k
-            else:
-                self._camera(msg.camera)
+            cam = self._camera(msg.camera)
+            if msg.top_k:
+                cam.top_k = msg.top_k
             log.info("camera %s subscribed", msg.camera)
         else:
             self.subscribed.pop(msg.camera, None)
             self.unsubscribed.add(msg.camera)
-            if self.cameras.pop(msg.camera, None) is not None:
-                self.metrics.forget_camera(msg.camera)
-                log.info("camera %s unsubscribed: state freed", msg.camera)
+            known = self.cameras.get(msg.camera)
+            if known is not None:
+                known.release = True  # the stepper drops it between two rounds
+                self._work.set()
+                log.info("camera %s unsubscribed", msg.camera)
 
     # ---- stepping and publishing -----------------------------------------------------------
 
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [cam.pending.popleft() for cam in self.cameras.values() if cam.pending]
+            await self._hand_over()
+            for name in [n for n in self.unsubscribed if n in self.cameras and not self.cameras[n].owned]:
+                del self.cameras[name]
+            batch = [cam.pending.popleft() for cam in self.cameras.values() if cam.owned and cam.pending]
             if not batch:
-                if self._dead_letters or any(c.drop_acks for c in self.cameras.values()):
-                    await self._publish([], [])
+                if self._dead_letters:
+                    await self._publish_retrying([])
                 if self.stopping.is_set():
                     return
                 self._work.clear()
@@ -402,15 +416,15 @@ class Worker:
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(states))
             self.metrics.frames_stepped.inc(len(states))
-            rows = []
+            rows: list[tuple[Camera, Row]] = []
             for i, work in enumerate(batch):
-                cam = self.cameras.get(work.camera)
-                if cam is None or cam.timeline is None:
-                    continue  # unsubscribed while stepping
-                chosen = cam.timeline.advance(work.slot, new_states[2 * i : 2 * i + 2])
-                index = 2 * i + cam.timeline.windows.index(chosen)
-                rows.append((cam, work, chosen.start_slot, chosen.frames, logits[index]))
-            await self._publish_retrying(rows, batch)
+                owner = self.cameras.get(work.camera)
+                if owner is None or owner.timeline is None or not owner.owned:
+                    continue  # lost or dropped while stepping
+                chosen = owner.timeline.advance(work.slot, new_states[2 * i : 2 * i + 2])
+                index = 2 * i + owner.timeline.windows.index(chosen)
+                rows.append((owner, Row(work, chosen.start_slot, chosen.frames, logits[index])))
+            await self._publish_retrying(rows)
             self._space.set()
 
     def _step(self, images: np.ndarray, states: list[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -418,11 +432,11 @@ class Worker:
         frames *= 1.0 / 255.0
         return self.backend.step(frames[:, None], states)
 
-    async def _publish_retrying(self, rows: list[Any], batch: list[SlotWork]) -> None:
+    async def _publish_retrying(self, rows: list[tuple[Camera, Row]]) -> None:
         delay = BACKOFF_START_SECONDS
         while True:
             try:
-                await self._publish(rows, batch)
+                await self._publish(rows)
                 return
             except REDIS_ERRORS as exc:
                 self.metrics.redis_errors.inc()
@@ -430,73 +444,89 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
-    async def _publish(self, rows: list[Any], batch: list[SlotWork]) -> None:
-        """Predictions, acks and dead letters in one pipeline: a frame is acked once its slot is out."""
-        pipe = self.redis.pipeline(transaction=False)
+    async def _publish(self, rows: list[tuple[Camera, Row]]) -> None:
+        """Per camera one fenced script: predictions in, committed position forward; then dead letters."""
         now_ms = int(time.time() * 1000)
-        published: list[tuple[Camera, SlotWork]] = []
-        acks: dict[str, list[str]] = {}
-        for cam, work, start_slot, frames, row in rows:
-            cam.newest_ms = max(cam.newest_ms, cam.clock.start_ms(work.slot))
-            acks.setdefault(cam.stream, []).extend(work.entry_ids)
-            if cam.published_slot is not None and work.slot <= cam.published_slot:
-                continue  # replayed to rebuild state; published before
-            top = top_k(softmax(row), self.labels, cam.top_k)
-            prediction = Prediction(
-                camera=cam.name,
-                slot=work.slot,
-                start_ms=cam.clock.start_ms(work.slot),
-                end_ms=cam.clock.end_ms(work.slot),
-                window_start_ms=cam.clock.start_ms(start_slot),
-                frames=frames,
-                repeated=work.repeated,
-                capture_ms=work.capture_ms,
-                model=self.model_name,
-                worker=self.settings.worker_id,
-                top=[TopLabel(label=label, score=min(max(score, 0.0), 1.0)) for label, score in top],
+        per_camera: dict[str, tuple[Camera, list[Row]]] = {}
+        for cam, row in rows:
+            per_camera.setdefault(cam.name, (cam, []))[1].append(row)
+        pipe = self.redis.pipeline(transaction=False)
+        calls: list[tuple[Camera, list[tuple[Row, Prediction]]]] = []
+        for cam, cam_rows in per_camera.values():
+            token = self.ownership.held.get(cam.name)
+            if token is None:
+                continue
+            fresh = [r for r in cam_rows if cam.published_slot is None or r.work.slot > cam.published_slot]
+            made = [
+                (
+                    r,
+                    make_prediction(
+                        r,
+                        cam.name,
+                        cam.clock,
+                        self.labels,
+                        k=cam.top_k,
+                        model=self.model_name,
+                        worker=self.settings.worker_id,
+                    ),
+                )
+                for r in fresh
+            ]
+            # Everything read is done once nothing is queued; otherwise up to the last slot published.
+            ids = [e for r in cam_rows for e in r.work.entry_ids]
+            commit = cam.cursor if not cam.pending else max(ids, key=id_key, default="")
+            if commit and id_key(commit) <= id_key(cam.committed):
+                commit = ""
+            args = script_args(
+                token,
+                self.settings.group,
+                self.settings.predictions_maxlen,
+                commit=commit,
+                predictions=[p for _, p in made],
             )
-            pipe.xadd(
-                cam.out,
-                prediction.to_fields(),
-                id=f"{prediction.start_ms}-0",
-                maxlen=self.settings.predictions_maxlen,
-                approximate=True,
-            )
-            published.append((cam, work))
-        for cam in self.cameras.values():
-            if cam.drop_acks:
-                acks.setdefault(cam.stream, []).extend(cam.drop_acks)
+            pipe.eval(PUBLISH, 3, self.settings.owner(cam.name), cam.out, cam.stream, *args)
+            calls.append((cam, made))
         letters = list(self._dead_letters)
-        for stream, entry_id, letter in letters:
+        for letter in letters:
             pipe.xadd(
                 self.settings.deadletter_stream,
                 letter.to_fields(),
                 maxlen=self.settings.deadletter_maxlen,
                 approximate=True,
             )
-            acks.setdefault(stream, []).append(entry_id)
-        for stream, ids in acks.items():
-            if ids:
-                pipe.xack(stream, self.settings.group, *ids)
         results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, REDIS_ERRORS):
                 raise result
-        # Only now is the work durable: forget what was sent.
         del self._dead_letters[: len(letters)]
-        for cam in self.cameras.values():
-            cam.drop_acks.clear()
-        for (cam, work), result in zip(published, results, strict=False):
-            if isinstance(result, ResponseError):
-                log.debug("camera %s slot %d already published", cam.name, work.slot)
+        for (cam, made), result in zip(calls, results, strict=False):
+            if isinstance(result, Exception):
+                log.warning("camera %s: publish failed: %s", cam.name, result)
                 continue
-            cam.published_slot = work.slot
-            self.metrics.predictions.inc()
-            if not work.repeated:
-                self.metrics.latency.observe(max(0.0, (now_ms - work.capture_ms) / 1000))
-            if now_ms > cam.clock.end_ms(work.slot + 1):
-                self.metrics.slots_late.inc()
-        for cam, _ in published:
-            cam.lag = max(0.0, (now_ms - cam.newest_ms) / 1000)
-            self.metrics.input_lag.labels(cam.name).set(cam.lag)
+            if result == -1:  # fenced: the lease is gone, another worker owns the camera
+                log.warning("camera %s: lease lost while publishing; dropping it", cam.name)
+                self.metrics.leases_lost.inc()
+                self.ownership.held.pop(cam.name, None)
+                cam.owned = False
+                self._drop_state(cam)
+                continue
+            for (row, prediction), ok in zip(made, result, strict=False):
+                cam.published_slot = max(cam.published_slot or row.work.slot, row.work.slot)
+                if not ok:
+                    continue  # that slot was published before
+                self._observe(cam, row, prediction, now_ms)
+            if made and cam.acquired_at:
+                self.metrics.takeover_replay_frames.inc(cam.replayed)
+                self.metrics.takeover_replay_seconds.observe(time.monotonic() - cam.acquired_at)
+                cam.acquired_at = 0.0
         self.metrics.input_lag_total.set(sum(c.lag for c in self.cameras.values() if c.timeline is not None))
+
+    def _observe(self, cam: Camera, row: Row, prediction: Prediction, now_ms: int) -> None:
+        self.metrics.predictions.inc()
+        if not row.work.repeated:
+            self.metrics.latency.observe(max(0.0, (now_ms - row.work.capture_ms) / 1000))
+        if now_ms > prediction.end_ms + (prediction.end_ms - prediction.start_ms):
+            self.metrics.slots_late.inc()
+        cam.newest_ms = max(cam.newest_ms, prediction.start_ms)
+        cam.lag = max(0.0, (now_ms - cam.newest_ms) / 1000)
+        self.metrics.input_lag.labels(cam.name).set(cam.lag)
