@@ -25,6 +25,8 @@ def settings_for(redis_url: str, prefix: str, **overrides: Any) -> Settings:
         "predictions_key": prefix + ":predictions:{{{camera}}}",
         "control_stream": prefix + ":cameras",
         "deadletter_stream": prefix + ":deadletter",
+        "owner_key": prefix + ":owner:{{{camera}}}",
+        "workers_key": prefix + ":workers",
         "metrics_port": 0,
         "block_ms": 20,
         "discover_interval_seconds": 0.1,

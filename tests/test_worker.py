@@ -295,6 +295,8 @@ def test_run_command_drains_on_sigterm_and_exits_zero(redis_url, models, labels6
         "MOVINET_PREDICTIONS_KEY": settings.predictions_key,
         "MOVINET_CONTROL_STREAM": settings.control_stream,
         "MOVINET_DEADLETTER_STREAM": settings.deadletter_stream,
+        "MOVINET_OWNER_KEY": settings.owner_key,
+        "MOVINET_WORKERS_KEY": settings.workers_key,
         "MOVINET_GRACE_SECONDS": "10",
     }
     client = redis_lib.Redis.from_url(redis_url)
@@ -376,3 +378,39 @@ def test_idle_camera_state_is_freed_and_its_series_removed(
     assert h.predictions("cam")[-1][1].frames == 1
     assert registry.get_sample_value("movinet_predictions_published_total") == 4
     assert registry.get_sample_value("movinet_frames_received_total") == 4
+
+
+def test_workers_share_cameras_fairly_and_take_over_a_dead_ones(
+    harnesses, redis_url, lite_backend, labels600
+) -> None:
+    fast = {"lease_seconds": 1.0, "heartbeat_seconds": 0.2, "window": 8}
+    a = new(harnesses, redis_url, lite_backend, labels600, **fast)
+    for c in range(6):
+        publish_clip(a, f"cam{c}", 5, seed=c)
+    b = Harness(redis_url, lite_backend, labels600, prefix=a.prefix, **fast)
+    harnesses.append(b)
+    a.start()
+    b.start()
+
+    def owned(h: Harness) -> set[str]:
+        assert h.worker is not None
+        return {n for n, c in h.worker.cameras.items() if c.owned}
+
+    a.wait_for(lambda: len(owned(a)) == 3 and len(owned(b)) == 3, what="an even split")
+    assert owned(a).isdisjoint(owned(b))
+    a.wait_for(lambda: all(len(a.predictions(f"cam{c}")) == 5 for c in range(6)), what="predictions")
+    from_b = owned(b)
+    b.kill()  # no release: its leases must lapse
+    for c in range(6):
+        a.publish_rgb(f"cam{c}", T0 + 5 * 200, np.full((172, 172, 3), 7, np.uint8), seq=5)
+    a.wait_for(lambda: len(owned(a)) == 6, timeout=10, what="takeover")
+    a.wait_for(lambda: all(len(a.predictions(f"cam{c}")) == 6 for c in range(6)), what="predictions after")
+    a.stop()
+    for c in range(6):
+        slots = [p.slot for _, p in a.predictions(f"cam{c}")]
+        assert slots == sorted(set(slots)) and len(slots) == 6
+    registry = a.metrics.registry
+    assert registry.get_sample_value("movinet_leases_taken_over_total") == len(from_b)
+    assert registry.get_sample_value("movinet_leases_acquired_total") == 6
+    assert a.client.exists(a.settings.owner("cam0")) == 0  # released on stop
+    assert a.client.zscore(a.settings.workers_key, a.settings.worker_id) is None  # deregistered
