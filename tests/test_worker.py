@@ -414,3 +414,15 @@ def test_workers_share_cameras_fairly_and_take_over_a_dead_ones(
     assert registry.get_sample_value("movinet_leases_acquired_total") == 6
     assert a.client.exists(a.settings.owner("cam0")) == 0  # released on stop
     assert a.client.zscore(a.settings.workers_key, a.settings.worker_id) is None  # deregistered
+
+
+def test_input_older_than_the_retention_is_trimmed(harnesses, redis_url, lite_backend, labels600) -> None:
+    h = new(harnesses, redis_url, lite_backend, labels600, input_retention_seconds=2.0, window=4)
+    publish_clip(h, "cam", 200, seed=8)  # 40 s of frames
+    h.start()
+    h.wait_for(lambda: len(h.predictions("cam")) == 200, what="predictions")
+    h.stop()
+    first = h.client.xrange(h.frames_key("cam"), count=1)[0][0].decode()
+    # Approximate trimming keeps whole radix-tree nodes: at most ~100 entries beyond the bound.
+    assert int(first.split("-")[0]) >= T0 + 200 * 200 - 2000 - 100 * 200
+    assert h.client.xlen(h.frames_key("cam")) < 200

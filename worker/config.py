@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         10_000, ge=1, description="approximate length output streams are trimmed to"
     )
     deadletter_maxlen: int = Field(10_000, ge=1, description="approximate length of the dead-letter stream")
+    input_retention_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="frames older than this behind a camera's committed position are trimmed (0: never); "
+        "keep it above window + max_gap_slots slots, which a takeover replays",
+    )
     frames_key: str = Field("frames:{{{camera}}}", description="input stream key template")
     predictions_key: str = Field("predictions:{{{camera}}}", description="output stream key template")
     control_stream: str = Field("cameras", description="control stream: subscribe / unsubscribe cameras")

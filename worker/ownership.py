@@ -37,13 +37,13 @@ end
 return 0
 """
 # Publish a camera's predictions and commit its read position, only while holding its lease.
-# KEYS: owner, predictions, frames. ARGV: token, group, maxlen, commit id ('' for none), n, then n
-# times (id, field count, fields...). Returns -1 when fenced, else one 1/0 per prediction (0: the
-# slot's ID was already taken, i.e. published before).
+# KEYS: owner, predictions, frames. ARGV: token, group, maxlen, commit id ('' for none), input trim
+# MINID ('' for none), n, then n times (id, field count, fields...). Returns -1 when fenced, else one
+# 1/0 per prediction (0: the slot's ID was already taken, i.e. published before).
 PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = tonumber(ARGV[5])
-local i = 6
+local n = tonumber(ARGV[6])
+local i = 7
 local results = {}
 for p = 1, n do
   local id = ARGV[i]
@@ -56,6 +56,9 @@ for p = 1, n do
 end
 if ARGV[4] ~= '' then
   redis.call('XGROUP', 'SETID', KEYS[3], ARGV[2], ARGV[4])
+end
+if ARGV[5] ~= '' then
+  redis.call('XTRIM', KEYS[3], 'MINID', '~', ARGV[5])
 end
 return results
 """

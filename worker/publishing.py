@@ -46,9 +46,11 @@ def make_prediction(
     )
 
 
-def script_args(token: str, group: str, maxlen: int, commit: str, predictions: list[Prediction]) -> list[Any]:
+def script_args(
+    token: str, group: str, maxlen: int, *, commit: str, trim: str, predictions: list[Prediction]
+) -> list[Any]:
     """Arguments of `ownership.PUBLISH` for one camera."""
-    args: list[Any] = [token, group, maxlen, commit, len(predictions)]
+    args: list[Any] = [token, group, maxlen, commit, trim, len(predictions)]
     for p in predictions:
         fields = p.to_fields()
         args += [f"{p.start_ms}-0", len(fields)]

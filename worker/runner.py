@@ -66,6 +66,14 @@ async def serve(
             "invalid configuration:\n  idle_timeout_seconds (--idle-timeout-seconds / "
             "MOVINET_IDLE_TIMEOUT_SECONDS): must be longer than max_gap_slots + 1 slots"
         )
+    replayed = (settings.window or backend.info.clip_frames) + settings.max_gap_slots + 1
+    retention = settings.input_retention_seconds
+    if retention and retention * fps <= replayed:
+        raise SystemExit(
+            "invalid configuration:\n  input_retention_seconds (--input-retention-seconds / "
+            f"MOVINET_INPUT_RETENTION_SECONDS): must cover more than the {replayed} slots "
+            f"({replayed / fps:g} s) a takeover replays"
+        )
     log.info("model: %s", backend.info.describe())
     metrics = metrics or Metrics()
     if settings.metrics_port:

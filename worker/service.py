@@ -103,6 +103,7 @@ class Worker:
         self._last_discovery = 0.0
         self._control_id = "0-0"
         self._dead_letters: list[DeadLetter] = []
+        self._live: list[str] = []  # workers alive at the last heartbeat
         # Read no more for a camera with this many slots queued: the rest waits in Redis.
         self._max_pending = 2 * settings.read_count
 
@@ -208,7 +209,7 @@ class Worker:
     async def _own_once(self) -> None:
         """Heartbeat, renew leases, and take or hand over cameras to match the shared assignment."""
         await self._discover()
-        live = await self.ownership.heartbeat()
+        live = self._live = await self.ownership.heartbeat()
         for name in await self.ownership.renew():
             cam = self.cameras.get(name)
             log.warning("camera %s: lease lost; state dropped", name)
@@ -265,8 +266,8 @@ class Worker:
             replay_from = (max(cam.clock.start_ms(first_slot), 1) - 1, 2**63 - 1)
             if replay_from < id_key(cam.committed):
                 cam.cursor = f"{replay_from[0]}-{replay_from[1]}"
-            if previous.worker != self.settings.worker_id:
-                self.metrics.leases_taken_over.inc()
+            if previous.worker != self.settings.worker_id and previous.worker not in self._live:
+                self.metrics.leases_taken_over.inc()  # from a worker that died, not one that handed over
         cam.replayed = 0
         cam.resumed = True
 
@@ -477,11 +478,16 @@ class Worker:
             commit = cam.cursor if not cam.pending else max(ids, key=id_key, default="")
             if commit and id_key(commit) <= id_key(cam.committed):
                 commit = ""
+            # Keep the input history a takeover replays (and more), drop what is older.
+            trim, keep = "", int(self.settings.input_retention_seconds * 1000)
+            if commit and keep:
+                trim = str(max(0, id_key(commit)[0] - keep))
             args = script_args(
                 token,
                 self.settings.group,
                 self.settings.predictions_maxlen,
                 commit=commit,
+                trim=trim,
                 predictions=[p for _, p in made],
             )
             pipe.eval(PUBLISH, 3, self.settings.owner(cam.name), cam.out, cam.stream, *args)
