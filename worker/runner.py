@@ -51,7 +51,6 @@ async def serve(
     settings: Settings, metrics: Metrics | None = None, started: Any = None, signals: bool = True
 ) -> int:
     """Load everything, then serve until SIGTERM/SIGINT; returns the exit code."""
-    import redis.asyncio as aioredis
     from prometheus_client import start_http_server
 
     from worker.service import Worker
@@ -78,7 +77,7 @@ async def serve(
     metrics = metrics or Metrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
-    client = aioredis.from_url(settings.redis_url or "", health_check_interval=10, socket_keepalive=True)
+    client = connect(settings)
     await client.ping()
     worker = Worker(settings, backend, labels, client, metrics)
     if signals:  # only possible in the main thread
@@ -93,6 +92,19 @@ async def serve(
         backend.close()
     log.info("worker %s stopped", settings.worker_id)
     return 0
+
+
+def connect(settings: Settings) -> Any:
+    """An asyncio client: a Redis Cluster client when --redis-cluster, else a plain one."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    url = settings.redis_url or ""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=5.0), 3))
+    return aioredis.from_url(url, health_check_interval=10, socket_keepalive=True)
 
 
 def check(url: str, redis_url: str | None, timeout: float = 3.0) -> tuple[bool, str]:
