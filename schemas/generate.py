@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
+from schemas.alerts import Alert, AlertRule
 from schemas.messages import ControlMessage, DeadLetter, Frame, Prediction, TopLabel
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -30,6 +31,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "top_label": TopLabel,
     "control_message": ControlMessage,
     "dead_letter": DeadLetter,
+    "alert": Alert,
+    "alert_rule": AlertRule,
 }
 
 
