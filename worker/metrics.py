@@ -107,6 +107,15 @@ class Metrics:
             registry=r,
         )
 
+        # Labelled by rule: the operator's rule set bounds the number of series.
+        self.alerts_opened = Counter(
+            "movinet_alerts_opened_total", "Action alerts opened", ["rule"], registry=r
+        )
+        self.alerts_closed = Counter(
+            "movinet_alerts_closed_total", "Action alerts closed", ["rule"], registry=r
+        )
+        self.alerts_active = Gauge("movinet_alerts_active", "Action alerts open now", ["rule"], registry=r)
+
     def forget_camera(self, camera: str) -> None:
         """Drop a departed camera's label series so they do not linger at their last value."""
         with contextlib.suppress(KeyError):
