@@ -20,8 +20,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from schemas.alerts import Alert, AlertRule
+from schemas.alerts import Alert
 from schemas.messages import ControlMessage, DeadLetter, Frame, Prediction, TopLabel
+from schemas.rules import AlertRule
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SUFFIX = ".schema.json"

@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
 
+from schemas.rules import AlertRule
+
 SCHEMA_VERSION: Final = 1
 # No braces: keys carry the camera in a Redis Cluster hash tag, `frames:{<camera>}`.
 CAMERA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -270,6 +272,8 @@ class Prediction(StreamMessage):
 class ControlMessage(StreamMessage):
     """A request to a worker pool, on the stream `cameras`: start or stop serving a camera."""
 
+    JSON_FIELDS = frozenset({"rules"})
+
     camera: CameraId = Field(description="Camera ID.")
     action: Literal["subscribe", "unsubscribe"] = Field(
         description="subscribe: start (or reconfigure) predictions for the camera; unsubscribe: stop."
@@ -283,6 +287,12 @@ class ControlMessage(StreamMessage):
     )
     top_k: int | None = Field(
         default=None, ge=1, le=600, description="Labels per prediction; default: the worker's setting."
+    )
+    rules: list[AlertRule] | None = Field(
+        default=None,
+        max_length=100,
+        json_schema_extra=_json_text,
+        description="Alert rules for this camera, replacing the worker's defaults (JSON text).",
     )
 
 

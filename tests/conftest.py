@@ -191,3 +191,14 @@ def r(redis_url: str) -> Iterator[tuple[Any, str]]:
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def harnesses() -> Iterator[list[Any]]:
+    """In-process workers made by a test; killed if still running, and their keys deleted."""
+    made: list[Any] = []
+    yield made
+    for h in made:
+        if h._thread is not None and h._thread.is_alive():
+            h.kill()
+        h.cleanup()

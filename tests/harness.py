@@ -27,6 +27,8 @@ def settings_for(redis_url: str, prefix: str, **overrides: Any) -> Settings:
         "deadletter_stream": prefix + ":deadletter",
         "owner_key": prefix + ":owner:{{{camera}}}",
         "workers_key": prefix + ":workers",
+        "alerts_key": prefix + ":alerts",
+        "alert_state_key": prefix + ":alertstate:{{{camera}}}",
         "metrics_port": 0,
         "block_ms": 20,
         "discover_interval_seconds": 0.1,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,6 @@ from worker.codec import encode_jpeg
 from worker.labels import softmax
 
 T0 = 1_700_000_000_000  # a fixed epoch ms on a slot boundary: slot = ms // 200 at 5 fps
-
-
-@pytest.fixture
-def harnesses() -> Iterator[list[Harness]]:
-    made: list[Harness] = []
-    yield made
-    for h in made:
-        if h._thread is not None and h._thread.is_alive():
-            h.kill()
-        h.cleanup()
 
 
 def new(harnesses: list[Harness], *args: Any, **kwargs: Any) -> Harness:

@@ -12,8 +12,10 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.rules import AlertRule
 
 ENV_PREFIX = "MOVINET_"
 
@@ -99,6 +101,16 @@ class Settings(BaseSettings):
         description="frames older than this behind a camera's committed position are trimmed (0: never); "
         "keep it above window + max_gap_slots slots, which a takeover replays",
     )
+    alert_rules: list[AlertRule] = Field(
+        [],
+        description="default alert rules (JSON list; per-camera rules on the control stream replace them), "
+        'e.g. [{"name": "exercise", "group": "exercise", "threshold": 0.6}]',
+    )
+    alerts_maxlen: int = Field(100_000, ge=1, description="approximate length of the alerts stream")
+    alerts_key: str = Field(
+        "alerts", description="alert events stream (with --redis-cluster it must contain {camera})"
+    )
+    alert_state_key: str = Field("alertstate:{{{camera}}}", description="per-camera alert state key template")
     frames_key: str = Field("frames:{{{camera}}}", description="input stream key template")
     predictions_key: str = Field("predictions:{{{camera}}}", description="output stream key template")
     control_stream: str = Field("cameras", description="control stream: subscribe / unsubscribe cameras")
@@ -129,7 +141,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @field_validator("frames_key", "predictions_key", "owner_key")
+    @field_validator("frames_key", "predictions_key", "owner_key", "alert_state_key")
     @classmethod
     def _has_camera(cls, value: str) -> str:
         try:
@@ -139,6 +151,12 @@ class Settings(BaseSettings):
         if not uses_camera:
             raise ValueError("must contain {camera}")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_keys(self) -> Settings:
+        if self.redis_cluster and "{camera}" not in self.alerts_key:
+            raise ValueError("alerts_key must contain {camera} with redis_cluster (one shard per camera)")
+        return self
 
     @field_validator("batch_sizes", mode="before")
     @classmethod
@@ -162,6 +180,12 @@ class Settings(BaseSettings):
 
     def owner(self, camera: str) -> str:
         return self.owner_key.format(camera=camera)
+
+    def alert_state(self, camera: str) -> str:
+        return self.alert_state_key.format(camera=camera)
+
+    def alerts_stream(self, camera: str) -> str:
+        return self.alerts_key.format(camera=camera) if "{camera}" in self.alerts_key else self.alerts_key
 
     def camera_from_frames_key(self, key: str) -> str | None:
         prefix, _, suffix = self.frames_key.partition("{camera}")

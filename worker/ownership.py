@@ -36,14 +36,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# Publish a camera's predictions and commit its read position, only while holding its lease.
-# KEYS: owner, predictions, frames. ARGV: token, group, maxlen, commit id ('' for none), input trim
-# MINID ('' for none), n, then n times (id, field count, fields...). Returns -1 when fenced, else one
-# 1/0 per prediction (0: the slot's ID was already taken, i.e. published before).
+# Publish a camera's predictions and alert events and commit its read position, only while holding its
+# lease. KEYS: owner, predictions, frames, alert state, alerts. ARGV: token, group, maxlen, commit id
+# ('' for none), input trim MINID ('' for none), alert state ('' to keep), alerts maxlen, n, then n
+# times (id, field count, fields...), then m, then m times (field count, fields...). Returns -1 when
+# fenced, else one 1/0 per prediction (0: the slot's ID was taken, i.e. published before).
 PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = tonumber(ARGV[6])
-local i = 7
+local n = tonumber(ARGV[8])
+local i = 9
 local results = {}
 for p = 1, n do
   local id = ARGV[i]
@@ -54,6 +55,16 @@ for p = 1, n do
   if type(ok) == 'table' and ok.err then results[p] = 0 else results[p] = 1 end
   i = i + 2 + nf * 2
 end
+local m = tonumber(ARGV[i])
+i = i + 1
+for e = 1, m do
+  local nf = tonumber(ARGV[i])
+  local args = {'XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*'}
+  for j = 1, nf * 2 do args[#args + 1] = ARGV[i + j] end
+  redis.call(unpack(args))
+  i = i + 1 + nf * 2
+end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6]) end
 if ARGV[4] ~= '' then
   redis.call('XGROUP', 'SETID', KEYS[3], ARGV[2], ARGV[4])
 end

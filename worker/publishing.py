@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from schemas.alerts import Alert
 from schemas.messages import DeadLetter, MessageError, Prediction, TopLabel, field_sizes
 from worker.camera import Clock, SlotWork
 from worker.labels import softmax, top_k
@@ -25,6 +27,7 @@ class Row:
     window_start_slot: int
     frames: int
     logits: np.ndarray
+    alerts: list[Alert] = dataclasses.field(default_factory=list)
 
 
 def make_prediction(
@@ -47,13 +50,28 @@ def make_prediction(
 
 
 def script_args(
-    token: str, group: str, maxlen: int, *, commit: str, trim: str, predictions: list[Prediction]
+    token: str,
+    group: str,
+    maxlen: int,
+    *,
+    commit: str,
+    trim: str,
+    predictions: list[Prediction],
+    alert_state: str = "",
+    alerts_maxlen: int = 100_000,
+    alerts: Sequence[Alert] = (),
 ) -> list[Any]:
     """Arguments of `ownership.PUBLISH` for one camera."""
-    args: list[Any] = [token, group, maxlen, commit, trim, len(predictions)]
+    args: list[Any] = [token, group, maxlen, commit, trim, alert_state, alerts_maxlen, len(predictions)]
     for p in predictions:
         fields = p.to_fields()
         args += [f"{p.start_ms}-0", len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+    args.append(len(alerts))
+    for alert in alerts:
+        fields = alert.to_fields()
+        args.append(len(fields))
         for name, value in fields.items():
             args += [name, value]
     return args

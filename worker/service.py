@@ -30,11 +30,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from schemas.alerts import Alert
 from schemas.messages import ControlMessage, DeadLetter, Frame, MessageError, Prediction
+from worker.alerting import AlertTracker
 from worker.backends import Backend
 from worker.camera import CameraTimeline, Clock, SlotWork
 from worker.codec import decode_image
 from worker.config import Settings
+from worker.labels import softmax
 from worker.metrics import Metrics
 from worker.ownership import PUBLISH, Ownership, assign
 from worker.publishing import Row, dead_letter, id_key, make_prediction, script_args
@@ -71,6 +74,8 @@ class Camera:
     newest_ms: int = 0  # start of the newest slot published
     lag: float = 0.0  # wall clock minus newest_ms when it was published
     seen_at: float = dataclasses.field(default_factory=time.monotonic)
+    alerts: AlertTracker | None = None  # rules and their state; None without rules
+    pending_alerts: list[Alert] = dataclasses.field(default_factory=list)  # closes on going quiet
 
 
 class Worker:
@@ -190,6 +195,8 @@ class Worker:
 
     def _drop_state(self, cam: Camera) -> None:
         cam.timeline = None
+        cam.alerts = None  # its state lives in Redis; the next owner loads it
+        cam.pending_alerts.clear()
         cam.pending.clear()
         cam.resumed = False
         self.metrics.forget_camera(cam.name)
@@ -268,8 +275,18 @@ class Worker:
                 cam.cursor = f"{replay_from[0]}-{replay_from[1]}"
             if previous.worker != self.settings.worker_id and previous.worker not in self._live:
                 self.metrics.leases_taken_over.inc()  # from a worker that died, not one that handed over
+        cam.alerts = self._tracker(cam)
+        if cam.alerts is not None:
+            cam.alerts.load(await self.redis.get(self.settings.alert_state(cam.name)))
         cam.replayed = 0
         cam.resumed = True
+
+    def _tracker(self, cam: Camera) -> AlertTracker | None:
+        sub = self.subscribed.get(cam.name)
+        rules = sub.rules if sub is not None and sub.rules is not None else self.settings.alert_rules
+        if not rules:
+            return None
+        return AlertTracker(cam.name, rules, self.labels, self.settings.worker_id)
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
@@ -277,6 +294,9 @@ class Worker:
             idle = now - cam.seen_at > self.settings.idle_timeout_seconds
             if cam.timeline is not None and not cam.pending and idle:
                 log.info("camera %s idle for %.0fs: state freed", cam.name, now - cam.seen_at)
+                if cam.alerts is not None and cam.owned:
+                    cam.pending_alerts.extend(cam.alerts.close_all(cam.timeline.stepped_slot or 0))
+                    self._work.set()
                 cam.timeline = None
                 self.metrics.forget_camera(cam.name)
         self._count_active()
@@ -378,6 +398,11 @@ class Worker:
             cam = self._camera(msg.camera)
             if msg.top_k:
                 cam.top_k = msg.top_k
+            if msg.rules is not None and cam.resumed:  # new rules from the next slot on, state kept
+                old = cam.alerts
+                cam.alerts = self._tracker(cam)
+                if cam.alerts is not None and old is not None:
+                    cam.alerts.load(old.dump())
             log.info("camera %s subscribed", msg.camera)
         else:
             self.subscribed.pop(msg.camera, None)
@@ -398,7 +423,7 @@ class Worker:
                 del self.cameras[name]
             batch = [cam.pending.popleft() for cam in self.cameras.values() if cam.owned and cam.pending]
             if not batch:
-                if self._dead_letters:
+                if self._dead_letters or any(c.pending_alerts for c in self.cameras.values()):
                     await self._publish_retrying([])
                 if self.stopping.is_set():
                     return
@@ -424,7 +449,13 @@ class Worker:
                     continue  # lost or dropped while stepping
                 chosen = owner.timeline.advance(work.slot, new_states[2 * i : 2 * i + 2])
                 index = 2 * i + owner.timeline.windows.index(chosen)
-                rows.append((owner, Row(work, chosen.start_slot, chosen.frames, logits[index])))
+                row = Row(work, chosen.start_slot, chosen.frames, logits[index])
+                if owner.alerts is not None and (
+                    owner.published_slot is None or work.slot > owner.published_slot
+                ):
+                    start, end = owner.clock.start_ms(work.slot), owner.clock.end_ms(work.slot)
+                    row.alerts = owner.alerts.evaluate(work.slot, start, end, softmax(row.logits))
+                rows.append((owner, row))
             await self._publish_retrying(rows)
             self._space.set()
 
@@ -451,8 +482,11 @@ class Worker:
         per_camera: dict[str, tuple[Camera, list[Row]]] = {}
         for cam, row in rows:
             per_camera.setdefault(cam.name, (cam, []))[1].append(row)
+        for cam in self.cameras.values():
+            if cam.pending_alerts and cam.owned:
+                per_camera.setdefault(cam.name, (cam, []))
         pipe = self.redis.pipeline(transaction=False)
-        calls: list[tuple[Camera, list[tuple[Row, Prediction]]]] = []
+        calls: list[tuple[Camera, list[tuple[Row, Prediction]], list[Alert]]] = []
         for cam, cam_rows in per_camera.values():
             token = self.ownership.held.get(cam.name)
             if token is None:
@@ -478,6 +512,7 @@ class Worker:
             commit = cam.cursor if not cam.pending else max(ids, key=id_key, default="")
             if commit and id_key(commit) <= id_key(cam.committed):
                 commit = ""
+            events = cam.pending_alerts + [a for r in cam_rows for a in r.alerts]
             # Keep the input history a takeover replays (and more), drop what is older.
             trim, keep = "", int(self.settings.input_retention_seconds * 1000)
             if commit and keep:
@@ -489,9 +524,18 @@ class Worker:
                 commit=commit,
                 trim=trim,
                 predictions=[p for _, p in made],
+                alert_state=cam.alerts.dump() if cam.alerts is not None else "",
+                alerts_maxlen=self.settings.alerts_maxlen,
+                alerts=events,
             )
-            pipe.eval(PUBLISH, 3, self.settings.owner(cam.name), cam.out, cam.stream, *args)
-            calls.append((cam, made))
+            keys = (
+                cam.out,
+                cam.stream,
+                self.settings.alert_state(cam.name),
+                self.settings.alerts_stream(cam.name),
+            )
+            pipe.eval(PUBLISH, 5, self.settings.owner(cam.name), *keys, *args)
+            calls.append((cam, made, events))
         letters = list(self._dead_letters)
         for letter in letters:
             pipe.xadd(
@@ -505,7 +549,7 @@ class Worker:
             if isinstance(result, REDIS_ERRORS):
                 raise result
         del self._dead_letters[: len(letters)]
-        for (cam, made), result in zip(calls, results, strict=False):
+        for (cam, made, events), result in zip(calls, results, strict=False):
             if isinstance(result, Exception):
                 log.warning("camera %s: publish failed: %s", cam.name, result)
                 continue
@@ -516,6 +560,13 @@ class Worker:
                 cam.owned = False
                 self._drop_state(cam)
                 continue
+            cam.pending_alerts.clear()
+            for event in events:
+                if event.event == "open":
+                    self.metrics.alerts_opened.labels(event.rule).inc()
+                elif event.event == "close":
+                    self.metrics.alerts_closed.labels(event.rule).inc()
+                log.info("alert %s %s (%s %.3f)", event.event, event.alert_id, event.label, event.score)
             for (row, prediction), ok in zip(made, result, strict=False):
                 cam.published_slot = max(cam.published_slot or row.work.slot, row.work.slot)
                 if not ok:
@@ -526,6 +577,15 @@ class Worker:
                 self.metrics.takeover_replay_seconds.observe(time.monotonic() - cam.acquired_at)
                 cam.acquired_at = 0.0
         self.metrics.input_lag_total.set(sum(c.lag for c in self.cameras.values() if c.timeline is not None))
+        self._count_alerts()
+
+    def _count_alerts(self) -> None:
+        active: dict[str, int] = {}
+        for cam in self.cameras.values():
+            for rule, is_open in cam.alerts.active.items() if cam.alerts else ():
+                active[rule] = active.get(rule, 0) + is_open
+        for rule, count in active.items():
+            self.metrics.alerts_active.labels(rule).set(count)
 
     def _observe(self, cam: Camera, row: Row, prediction: Prediction, now_ms: int) -> None:
         self.metrics.predictions.inc()
