@@ -145,3 +145,43 @@ def test_real_model_one_alert_per_activity(harnesses, redis_url, real_backend, a
     assert registry.get_sample_value("movinet_alerts_opened_total", {"rule": "jumping"}) == 1
     assert registry.get_sample_value("movinet_alerts_closed_total", {"rule": "jumping"}) == 1
     assert registry.get_sample_value("movinet_alerts_active", {"rule": "jumping"}) == 0
+
+
+def test_alerts_command_prints_events(r) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import run_cli
+
+    client, prefix = r
+    key = prefix + ":alerts"
+    base = {
+        "alert_id": "gym:jumping:1000",
+        "camera": "gym",
+        "rule": "jumping",
+        "label": "jumping jacks",
+        "start_ms": 1000,
+        "slot": 7,
+        "score": 0.9,
+        "peak_score": 0.95,
+        "peak_ms": 1200,
+        "worker": "w",
+    }
+    client.xadd(key, Alert(event="open", **base).to_fields())  # type: ignore[arg-type]
+    client.xadd(key, Alert(event="close", end_ms=5000, **base).to_fields())  # type: ignore[arg-type]
+    client.xadd(key, Alert(event="open", **{**base, "camera": "door", "alert_id": "door:x:1"}).to_fields())  # type: ignore[arg-type]
+    kw = client.connection_pool.connection_kwargs
+    url = f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    proc = run_cli(
+        "alerts",
+        "--camera",
+        "gym",
+        "--key",
+        key,
+        "--redis-url",
+        url,
+        "--from-start",
+        "--count",
+        "2",
+        timeout=60,
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("OPEN") and lines[1].startswith("CLOSE")
+    assert "jumping jacks" in lines[1] and "peak 0.950" in lines[1] and "door" not in proc.stdout

@@ -199,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    p = sub.add_parser(
+        "alerts",
+        help="print action alert events as they arrive",
+        description="Follow the alerts stream and print open / update / close events: camera, rule, "
+        "label, interval and peak score.",
+    )
+    p.add_argument("--camera", help="only this camera")
+    p.add_argument(
+        "--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[env: REDIS_URL]"
+    )
+    p.add_argument(
+        "--key",
+        default=_env("MOVINET_ALERTS_KEY", "alerts"),
+        help="alerts stream, or a template with {camera} [env: MOVINET_ALERTS_KEY]",
+    )
+    p.add_argument("--from-start", action="store_true", help="print the retained history first")
+    p.add_argument("--count", type=int, default=None, help="exit after this many events")
+    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
     from worker.publisher import add_publish_arguments
 
     p = sub.add_parser(
@@ -355,6 +375,34 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    import redis
+
+    from schemas.alerts import Alert
+    from worker.tail import follow, format_alert, prediction_streams
+
+    client = redis.Redis.from_url(args.redis_url)
+    streams = (
+        prediction_streams(client, args.key, args.camera) if "{camera}" in args.key else (lambda: [args.key])
+    )
+    camera = args.camera
+    try:
+        follow(
+            client,
+            streams,
+            from_start=args.from_start,
+            count=args.count,
+            timeout=args.timeout,
+            as_json=args.json,
+            message=Alert,
+            fmt=format_alert,
+            keep=(lambda a: a.camera == camera) if camera else None,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from worker.publisher import cmd_publish as publish
 
@@ -384,6 +432,7 @@ COMMANDS = {
     "config": cmd_config,
     "check": cmd_check,
     "tail": cmd_tail,
+    "alerts": cmd_alerts,
     "publish": cmd_publish,
     "demo": cmd_demo,
 }

@@ -1,4 +1,4 @@
-"""`movinet-worker tail`: follow predictions as they are published."""
+"""`movinet-worker tail` and `alerts`: follow predictions or alert events as they are published."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any, TextIO
 
 import redis
 
-from schemas.messages import MessageError, Prediction
+from schemas.alerts import Alert
+from schemas.messages import MessageError, Prediction, StreamMessage
 
 
 def _text(value: bytes | str) -> str:
@@ -24,6 +25,18 @@ def format_prediction(p: Prediction) -> str:
     return f"{p.camera:<12} {when} slot {p.slot} [{p.frames:>2} frames]{mark}  {labels}"
 
 
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def format_alert(a: Alert) -> str:
+    span = f"{_when(a.start_ms)}-{_when(a.end_ms)}" if a.end_ms is not None else f"since {_when(a.start_ms)}"
+    return (
+        f"{a.event.upper():<6} {a.camera:<12} {a.rule:<12} {a.label} {span} "
+        f"peak {a.peak_score:.3f} at {_when(a.peak_ms)}  [{a.alert_id}]"
+    )
+
+
 def follow(
     client: redis.Redis,
     streams: Callable[[], list[str]],
@@ -33,12 +46,16 @@ def follow(
     timeout: float | None = None,
     out: TextIO = sys.stdout,
     as_json: bool = False,
-    on_prediction: Callable[[Prediction], bool] | None = None,
+    on_prediction: Callable[[Any], bool] | None = None,
+    message: type[StreamMessage] = Prediction,
+    fmt: Callable[[Any], str] | None = None,
+    keep: Callable[[Any], bool] | None = None,
 ) -> int:
-    """Print predictions from `streams()` (re-evaluated as cameras appear) until `count` or `timeout`.
+    """Print messages from `streams()` (re-evaluated as cameras appear) until `count` or `timeout`.
 
-    `on_prediction` returning True stops the follow. Returns how many were printed.
+    `on_prediction` returning True stops the follow; `keep` filters. Returns how many were printed.
     """
+    show: Callable[[Any], str] = fmt or format_prediction
     cursors: dict[str, str] = {}
     printed = 0
     deadline = time.monotonic() + timeout if timeout else None
@@ -53,11 +70,13 @@ def follow(
             for entry_id, fields in entries:
                 cursors[_text(stream)] = _text(entry_id)
                 try:
-                    prediction = Prediction.from_fields(fields)
+                    prediction = message.from_fields(fields)
                 except MessageError as exc:
-                    print(f"{_text(stream)} {_text(entry_id)}: unreadable prediction: {exc}", file=out)
+                    print(f"{_text(stream)} {_text(entry_id)}: unreadable entry: {exc}", file=out)
                     continue
-                text = prediction.model_dump_json() if as_json else format_prediction(prediction)
+                if keep is not None and not keep(prediction):
+                    continue
+                text = prediction.model_dump_json() if as_json else show(prediction)
                 print(text, file=out, flush=True)
                 printed += 1
                 if (count and printed >= count) or (on_prediction and on_prediction(prediction)):
