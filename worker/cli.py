@@ -219,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    from worker.plot import add_plot_arguments
+
+    p = sub.add_parser(
+        "plot",
+        help="plot a camera's label probabilities over time, alerts shaded (PNG)",
+        description="Read a camera's predictions (and its alert events) from Redis and draw the top "
+        "labels' probabilities over time, alert intervals shaded: the tutorial's picture, live.",
+    )
+    add_plot_arguments(p)
+
+    from worker.render import add_render_arguments
+
+    p = sub.add_parser(
+        "render",
+        help="render a clip beside its live top-K bar chart (GIF or MP4)",
+        description="Run the model over SOURCE frame by frame and write a video with each frame next to "
+        "the current top-K probabilities: the tutorial's animation.",
+    )
+    add_render_arguments(p)
+
     from worker.publisher import add_publish_arguments
 
     p = sub.add_parser(
@@ -403,6 +423,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from worker.plot import cmd_plot as plot
+
+    return plot(args)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from worker.render import cmd_render as render
+
+    return render(args)
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from worker.publisher import cmd_publish as publish
 
@@ -433,6 +465,8 @@ COMMANDS = {
     "check": cmd_check,
     "tail": cmd_tail,
     "alerts": cmd_alerts,
+    "plot": cmd_plot,
+    "render": cmd_render,
     "publish": cmd_publish,
     "demo": cmd_demo,
 }
