@@ -42,8 +42,6 @@ class Intake(WorkerCore):
             replay_from = (max(cam.clock.start_ms(first_slot), 1) - 1, 2**63 - 1)
             if replay_from < id_key(cam.committed):
                 cam.cursor = f"{replay_from[0]}-{replay_from[1]}"
-            if previous.worker != self.settings.worker_id and previous.worker not in self._live:
-                self.metrics.leases_taken_over.inc()  # from a worker that died, not one that handed over
         cam.alerts = self._tracker(cam)
         if cam.alerts is not None:
             cam.alerts.load(await self.redis.get(self.settings.alert_state(cam.name)))

@@ -32,6 +32,7 @@ return 0
 """
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], '')
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -114,12 +115,19 @@ class Ownership:
     async def deregister(self) -> None:
         await self.redis.zrem(self.settings.workers_key, self.me)
 
-    async def acquire(self, camera: str) -> bool:
+    def _holder(self, camera: str) -> str:
+        """Who last took the camera, '' once released: tells a takeover from a handover."""
+        return self.settings.owner(camera) + ":holder"
+
+    async def acquire(self, camera: str) -> tuple[bool, str]:
+        """Take the lease if free; also returns the previous holder if it never released it."""
         value = f"{self.me}:{secrets.token_hex(8)}"
-        if await self.redis.set(self.settings.owner(camera), value, nx=True, px=self.lease_ms):
-            self.held[camera] = value
-            return True
-        return False
+        if not await self.redis.set(self.settings.owner(camera), value, nx=True, px=self.lease_ms):
+            return False, ""
+        self.held[camera] = value
+        previous = await self.redis.getset(self._holder(camera), self.me)
+        text = previous.decode() if isinstance(previous, bytes) else (previous or "")
+        return True, "" if text == self.me else text
 
     async def renew(self) -> list[str]:
         """Extend every held lease; returns the cameras whose lease was lost."""
@@ -135,4 +143,4 @@ class Ownership:
     async def release(self, camera: str) -> None:
         value = self.held.pop(camera, None)
         if value is not None:
-            await self.redis.eval(RELEASE, 1, self.settings.owner(camera), value)
+            await self.redis.eval(RELEASE, 2, self.settings.owner(camera), self._holder(camera), value)

@@ -79,7 +79,6 @@ class WorkerCore:
     _work: asyncio.Event
     _space: asyncio.Event
     _dead_letters: list[DeadLetter]
-    _live: list[str]
     _max_pending: int
 
     def _camera(self, name: str) -> Camera:

@@ -66,7 +66,6 @@ class Worker(Intake, Publishing):
         self._last_discovery = 0.0
         self._control_id = "0-0"
         self._dead_letters: list[DeadLetter] = []
-        self._live: list[str] = []  # workers alive at the last heartbeat
         # Read no more for a camera with this many slots queued: the rest waits in Redis.
         self._max_pending = 2 * settings.read_count
 
@@ -140,7 +139,7 @@ class Worker(Intake, Publishing):
     async def _own_once(self) -> None:
         """Heartbeat, renew leases, and take or hand over cameras to match the shared assignment."""
         await self._discover()
-        live = self._live = await self.ownership.heartbeat()
+        live = await self.ownership.heartbeat()
         for name in await self.ownership.renew():
             cam = self.cameras.get(name)
             log.warning("camera %s: lease lost; state dropped", name)
@@ -151,11 +150,16 @@ class Worker(Intake, Publishing):
         wanted = assign(list(self.cameras), live)
         for name, cam in self.cameras.items():
             mine = wanted.get(name) == self.settings.worker_id
-            if mine and not cam.owned and await self.ownership.acquire(name):
+            if mine and not cam.owned:
+                taken, unreleased = await self.ownership.acquire(name)
+                if not taken:
+                    continue
                 cam.owned, cam.resumed, cam.release = True, False, False
                 cam.acquired_at = time.monotonic()
                 self.metrics.leases_acquired.inc()
-                log.info("camera %s: lease acquired", name)
+                if unreleased:  # its holder died or stalled instead of handing it over
+                    self.metrics.leases_taken_over.inc()
+                log.info("camera %s: lease acquired%s", name, f" from {unreleased}" if unreleased else "")
             elif cam.owned and not mine:
                 cam.release = True  # the stepper hands it over between two rounds
                 self._work.set()
