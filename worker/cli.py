@@ -55,6 +55,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _follow_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options `tail` and `alerts` share."""
+    p.add_argument(
+        "--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[env: REDIS_URL]"
+    )
+    p.add_argument("--from-start", action="store_true", help="print the retained history first")
+    p.add_argument("--count", type=int, default=None, help=f"exit after this many {what}")
+    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="movinet-worker",
@@ -187,17 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--camera", help="one camera (default: every predictions stream found)")
     p.add_argument(
-        "--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[env: REDIS_URL]"
-    )
-    p.add_argument(
         "--key-template",
         default=_env("MOVINET_PREDICTIONS_KEY", "predictions:{{{camera}}}"),
         help="[env: MOVINET_PREDICTIONS_KEY]",
     )
-    p.add_argument("--from-start", action="store_true", help="print the retained history first")
-    p.add_argument("--count", type=int, default=None, help="exit after this many predictions")
-    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _follow_args(p, "predictions")
 
     p = sub.add_parser(
         "alerts",
@@ -207,17 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--camera", help="only this camera")
     p.add_argument(
-        "--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"), help="[env: REDIS_URL]"
-    )
-    p.add_argument(
         "--key",
         default=_env("MOVINET_ALERTS_KEY", "alerts"),
         help="alerts stream, or a template with {camera} [env: MOVINET_ALERTS_KEY]",
     )
-    p.add_argument("--from-start", action="store_true", help="print the retained history first")
-    p.add_argument("--count", type=int, default=None, help="exit after this many events")
-    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _follow_args(p, "events")
 
     from worker.plot import add_plot_arguments
 
