@@ -48,13 +48,16 @@ def _time_steps(step: Callable[[], None], steps: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
-def baseline(handle: str, cameras: int, steps: int, warmup: int) -> Row:
-    """The tutorial's loop: `model({**states, 'image': frame})`, batch 1, camera after camera."""
+def baseline(handle: str, cameras: int, steps: int, warmup: int, model: Any = None) -> Row:
+    """The tutorial's loop: `model({**states, 'image': frame})`, batch 1, camera after camera.
+
+    `model` is the object `hub.load(handle)` returned, when the caller has it already.
+    """
     import tensorflow as tf
 
     from worker.backends.tfhub import load_saved_model
 
-    model = load_saved_model(handle)
+    model = model if model is not None else load_saved_model(handle)
     spec = model.signatures["call"].structured_input_signature[1]["image"]
     height, width = spec.shape[2] or 172, spec.shape[3] or 172
     frames = _frames(cameras, height, width)

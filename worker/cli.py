@@ -160,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-cameras", type=int, default=4)
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
 
+    from worker.bench import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="measure the whole worker: baseline, model-only, end to end, live, where time goes",
+        description="One run on this machine: the tutorial's loop as baseline, each backend model-only, "
+        "a worker draining N cameras preloaded in a private local Redis, the most live 5 fps cameras "
+        "held under a p99 of one slot, and the time per stage; prints a table, --json writes it.",
+    )
+    add_bench_arguments(p)
+
     from worker.config import add_settings_arguments
 
     p = sub.add_parser(
@@ -344,6 +355,12 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from worker.bench import cmd_bench as bench
+
+    return bench(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -459,6 +476,7 @@ COMMANDS = {
     "classify": cmd_classify,
     "export-model": cmd_export,
     "bench-model": cmd_bench_model,
+    "bench": cmd_bench,
     "run": cmd_run,
     "config": cmd_config,
     "check": cmd_check,

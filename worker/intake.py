@@ -67,6 +67,7 @@ class Intake(WorkerCore):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._space.wait(), self.settings.block_ms / 1000)
             return
+        started = time.perf_counter()
         if self.settings.redis_cluster:
             # A cluster refuses one command across shards: one non-blocking read per camera, pipelined.
             pipe = self.redis.pipeline(transaction=False)
@@ -82,6 +83,8 @@ class Intake(WorkerCore):
                 count=self.settings.read_count,
                 block=self.settings.block_ms,
             )
+        if response:  # an empty reply is time spent waiting for frames, not reading them
+            self.metrics.stage_seconds.labels("redis_read").inc(time.perf_counter() - started)
         by_stream = {cam.stream: cam for cam in ready}
         for stream, entries in response or []:
             owner = by_stream.get(text_of(stream))
@@ -98,6 +101,7 @@ class Intake(WorkerCore):
         cam.seen_at = time.monotonic()
         replay = id_key(entry_id) <= id_key(cam.committed)
         cam.replayed += replay
+        started = time.perf_counter()
         try:
             size = sum(len(v) for v in fields.values())
             if size > self.settings.max_frame_bytes:
@@ -115,6 +119,7 @@ class Intake(WorkerCore):
                     dead_letter(cam.stream, cam.name, entry_id, fields, exc, worker=self.settings.worker_id)
                 )
             return
+        self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - started)
         ms = int(entry_id.split("-", 1)[0])
         work = self._timeline(cam).accept(ms, entry_id, image, frame.capture_ms or ms)
         if work is None:

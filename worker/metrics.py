@@ -60,6 +60,15 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
+        # Where a frame's time goes, in wall seconds per stage (`movinet-worker bench` reads it):
+        # redis_read (XREAD round trips), decode, state (gathering and advancing window states),
+        # convert (images to the model's float input), model (the backend's step), publish.
+        self.stage_seconds = Counter(
+            "movinet_stage_seconds_total",
+            "Wall time spent in each stage of the data path",
+            ["stage"],
+            registry=r,
+        )
         self.latency = Histogram(
             "movinet_capture_to_publish_seconds",
             "From a frame's capture time to its prediction's publication",

@@ -249,6 +249,7 @@ class Worker(Intake, Publishing):
                 self._work.clear()
                 await self._work.wait()
                 continue
+            started = time.perf_counter()
             states: list[Any] = []
             images = np.empty((2 * len(batch), *self.size, 3), np.uint8)
             for i, work in enumerate(batch):
@@ -256,9 +257,11 @@ class Worker(Intake, Publishing):
                 assert timeline is not None
                 states.extend(timeline.states_for(work))
                 images[2 * i] = images[2 * i + 1] = work.image
+            self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - started)
             started = time.perf_counter()
             logits, new_states = await loop.run_in_executor(self._model_pool, self._step, images, states)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
+            advanced = time.perf_counter()
             self.metrics.batch_size.observe(len(states))
             self.metrics.frames_stepped.inc(len(states))
             rows: list[tuple[Camera, Row]] = []
@@ -275,10 +278,18 @@ class Worker(Intake, Publishing):
                     start, end = owner.clock.start_ms(work.slot), owner.clock.end_ms(work.slot)
                     row.alerts = owner.alerts.evaluate(work.slot, start, end, softmax(row.logits))
                 rows.append((owner, row))
+            published = time.perf_counter()
+            self.metrics.stage_seconds.labels("state").inc(published - advanced)
             await self._publish_retrying(rows)
+            self.metrics.stage_seconds.labels("publish").inc(time.perf_counter() - published)
             self._space.set()
 
     def _step(self, images: np.ndarray, states: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        started = time.perf_counter()
         frames = images.astype(np.float32)
         frames *= 1.0 / 255.0
-        return self.backend.step(frames[:, None], states)
+        stepping = time.perf_counter()
+        self.metrics.stage_seconds.labels("convert").inc(stepping - started)
+        result = self.backend.step(frames[:, None], states)
+        self.metrics.stage_seconds.labels("model").inc(time.perf_counter() - stepping)
+        return result
