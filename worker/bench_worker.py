@@ -103,8 +103,23 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine have been busy (user, system, irq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]  # idle, iowait
+    guest = sum(fields[8:10])  # already counted in user
+    return (sum(fields) - idle - guest) / TICKS
+
+
 class CpuMeter:
-    """CPU taken by some processes between `start` and `stop`, as a share of one core."""
+    """CPU taken by some processes between `start` and `stop`, in cores (1.0 = one core busy).
+
+    `other` is what the rest of the machine took meanwhile: a busy neighbour skews every figure.
+    """
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -112,13 +127,19 @@ class CpuMeter:
         self.began = 0.0
         self.result: dict[str, float] = {}
 
+    def _now(self) -> dict[str, float]:
+        return {"machine": machine_busy_seconds()} | {n: cpu_seconds(pid) for n, pid in self.pids.items()}
+
     def start(self) -> None:
         self.began = time.monotonic()
-        self.begin = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.begin = self._now()
 
     def stop(self) -> dict[str, float]:
         wall = max(time.monotonic() - self.began, 1e-9)
-        self.result = {name: (cpu_seconds(pid) - self.begin[name]) / wall for name, pid in self.pids.items()}
+        now = self._now()
+        used = {name: (now[name] - self.begin[name]) / wall for name in now}
+        machine = used.pop("machine")
+        self.result = {**used, "other": max(0.0, machine - sum(used.values()))}
         return self.result
 
 
@@ -336,8 +357,11 @@ def model_only(backend: Backend, cameras: int, steps: int, warmup: int) -> dict[
         nonlocal states
         _, states = backend.step(frames, states)
 
+    meter = CpuMeter({"bench": os.getpid()})
+    meter.start()
     seconds = _time_steps(step, steps, warmup)
     return {
+        "cpu_cores": meter.stop(),
         "cameras": cameras,
         "states_per_step": 2 * cameras,
         "seconds_per_round": seconds,
@@ -669,8 +693,14 @@ def run_backend(job: BackendJob) -> dict[str, Any]:
         try:
             if job.baseline_cameras:  # the same restored object, called as the tutorial does
                 model = getattr(backend, "model", None)
+                meter = CpuMeter({"bench": os.getpid()})
+                meter.start()
                 tutorial = baseline(job.model, job.baseline_cameras, job.steps, job.warmup, model=model)
-                result["baseline"] = {**dataclasses.asdict(tutorial), "cameras": job.baseline_cameras}
+                result["baseline"] = {
+                    **dataclasses.asdict(tutorial),
+                    "cameras": job.baseline_cameras,
+                    "cpu_cores": meter.stop(),
+                }
             if job.baseline_only:
                 backend.close()
                 return {**result, "skip": True}
