@@ -13,7 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from schemas.messages import Frame, Prediction
-from worker.config import Settings
+from worker.config import Settings, prefixed_keys
 from worker.metrics import Metrics
 from worker.service import Worker
 
@@ -21,14 +21,7 @@ from worker.service import Worker
 def settings_for(redis_url: str, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": redis_url,
-        "frames_key": prefix + ":frames:{{{camera}}}",
-        "predictions_key": prefix + ":predictions:{{{camera}}}",
-        "control_stream": prefix + ":cameras",
-        "deadletter_stream": prefix + ":deadletter",
-        "owner_key": prefix + ":owner:{{{camera}}}",
-        "workers_key": prefix + ":workers",
-        "alerts_key": prefix + ":alerts",
-        "alert_state_key": prefix + ":alertstate:{{{camera}}}",
+        **prefixed_keys(prefix),
         "metrics_port": 0,
         "block_ms": 20,
         "discover_interval_seconds": 0.1,

@@ -35,7 +35,7 @@ from schemas.messages import Frame, Prediction
 from worker.backends import Backend, load_stream_model
 from worker.bench_model import _frames, _time_steps, baseline
 from worker.camera import Clock
-from worker.config import Settings
+from worker.config import Settings, prefixed_keys
 from worker.metrics import Metrics
 from worker.publishing import Row
 from worker.runtime import Camera
@@ -238,16 +238,6 @@ class BenchWorker(Worker):
 
 
 def bench_settings(redis_url: str, prefix: str) -> Settings:
-    keys: dict[str, Any] = {
-        "frames_key": prefix + ":frames:{{{camera}}}",
-        "predictions_key": prefix + ":predictions:{{{camera}}}",
-        "control_stream": prefix + ":cameras",
-        "deadletter_stream": prefix + ":deadletter",
-        "owner_key": prefix + ":owner:{{{camera}}}",
-        "workers_key": prefix + ":workers",
-        "alerts_key": prefix + ":alerts",
-        "alert_state_key": prefix + ":alertstate:{{{camera}}}",
-    }
     return Settings(
         redis_url=redis_url,
         metrics_port=0,
@@ -255,7 +245,7 @@ def bench_settings(redis_url: str, prefix: str) -> Settings:
         worker_id="bench-" + uuid.uuid4().hex[:6],
         log_level="WARNING",
         grace_seconds=5.0,  # an overloaded live trial stops without draining its whole backlog
-        **keys,
+        **prefixed_keys(prefix),
     )
 
 

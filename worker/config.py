@@ -203,6 +203,24 @@ class Settings(BaseSettings):
         return data
 
 
+KEY_FIELDS = (
+    "frames_key",
+    "predictions_key",
+    "control_stream",
+    "deadletter_stream",
+    "owner_key",
+    "workers_key",
+    "alerts_key",
+    "alert_state_key",
+)
+
+
+def prefixed_keys(prefix: str) -> dict[str, Any]:
+    """Every Redis key setting under `prefix`, so that several deployments (or tests) share one Redis."""
+    defaults = Settings.model_fields
+    return {name: f"{prefix}:{defaults[name].default}" for name in KEY_FIELDS}
+
+
 def env_name(field: str) -> str:
     return "REDIS_URL" if field == "redis_url" else f"{ENV_PREFIX}{field.upper()}"
 
