@@ -907,39 +907,16 @@ exec "$@"
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[int, str]]:
+def private_redis() -> Iterator[tuple[int, str]]:
     """A redis-server on a free loopback port with a password; yields (port, password)."""
-    server = shutil.which("redis-server")
-    need(server, "redis-server is not installed")
-    from worker.demo import free_port
+    need(shutil.which("redis-server"), "redis-server is not installed")
+    from urllib.parse import urlparse
 
-    port, password = free_port(), "s3cret-from-the-Secret"
-    data = tmp_path / "redis"
-    data.mkdir()
-    proc = subprocess.Popen(
-        [
-            str(server),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data),
-            "--requirepass",
-            password,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield port, password
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    from worker.demo import local_redis
+
+    password = "s3cret-from-the-Secret"
+    with local_redis(password) as url:
+        yield urlparse(url).port or 0, password
 
 
 def test_worker_runs_readies_and_drains_as_the_deployment_runs_it(

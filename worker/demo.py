@@ -38,8 +38,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_redis() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port, keeping nothing on disk."""
+def local_redis(password: str | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, keeping nothing on disk; yields its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(
@@ -61,11 +61,13 @@ def local_redis() -> Iterator[str]:
                 "no",
                 "--dir",
                 tmp,
+                *(["--requirepass", password] if password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        url = f"redis://127.0.0.1:{port}/0"
+        auth = f":{password}@" if password else ""
+        url = f"redis://{auth}127.0.0.1:{port}/0"
         try:
             deadline = time.monotonic() + REDIS_START_SECONDS
             while True:
