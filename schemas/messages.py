@@ -245,7 +245,20 @@ class Prediction(StreamMessage):
     window_start_ms: Millis = Field(
         description="Start of the first slot of the window whose model state made this prediction."
     )
-    frames: int = Field(ge=1, le=10000, description="Frames of context in that state, this slot's included.")
+    frames: int = Field(
+        ge=1,
+        le=MAX_INT,
+        description="Frames the state has stepped since window_start_ms, this slot's included.",
+    )
+    temporal: Literal["windows", "ema"] = Field(
+        "windows",
+        description="How the state bounds its context. windows: every frame since window_start_ms "
+        "weighs the same, so the prediction is the base model's on exactly those frames. ema: the "
+        "pooled features are a moving average, the newest frame weighing 1/(ema_frames+1).",
+    )
+    ema_frames: int | None = Field(
+        None, ge=1, le=MAX_INT, description="ema: the frame count the state is held at; absent otherwise."
+    )
     repeated: WireBool = Field(
         description="'1' when this slot had no frame and the camera's previous frame was repeated."
     )

@@ -10,6 +10,10 @@ a takeover exact: replaying the same frames from a window's start rebuilds the s
 - Two windows per camera, reset when `slot % W` equals their phase (0 and W/2). Every camera resets
   on the same slots, so cameras share frame counts and batch together; each prediction comes from
   the window with more context: W/2 to W frames once the camera has run for W/2 slots.
+- Or, in EMA mode, one state that is never reset (but after a long gap): the backend holds its
+  frame count at `c`, so its pooled features are a moving average (DESIGN.md). It depends on all
+  of the camera's history, so a replay of `ema_replay` slots rebuilds it only approximately: the
+  frames before them weigh `(c/(c+1))^ema_replay` in the uninterrupted state.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class SlotWork:
 
 @dataclasses.dataclass
 class Window:
-    phase: int
+    phase: int | None  # None: never reset on a schedule (EMA mode)
     state: Any
     start_slot: int = 0
     frames: int = 0
@@ -67,7 +71,16 @@ class Window:
 class CameraTimeline:
     """Turns a camera's entries into slot work, and keeps its two window states."""
 
-    def __init__(self, camera: str, clock: Clock, window: int, max_gap: int, zero_state: Any) -> None:
+    def __init__(
+        self,
+        camera: str,
+        clock: Clock,
+        window: int,
+        max_gap: int,
+        zero_state: Any,
+        *,
+        ema_replay: int | None = None,
+    ) -> None:
         if window < 2:
             raise ValueError("window must be at least 2 slots")
         self.camera = camera
@@ -75,7 +88,11 @@ class CameraTimeline:
         self.window = window
         self.max_gap = max_gap
         self.zero = zero_state
-        self.windows = [Window(0, zero_state), Window(window // 2, zero_state)]
+        self.ema_replay = ema_replay
+        if ema_replay is None:
+            self.windows = [Window(0, zero_state), Window(window // 2, zero_state)]
+        else:
+            self.windows = [Window(None, zero_state)]
         self.last_slot: int | None = None  # last slot accepted (queued or stepped)
         self.last_image: np.ndarray | None = None
         self.last_capture_ms = 0
@@ -104,13 +121,13 @@ class CameraTimeline:
         return work
 
     def states_for(self, work: SlotWork) -> list[Any]:
-        """The two window states to step for a slot, each reset first if the slot starts its window.
+        """The window states to step for a slot, each reset first if the slot starts its window.
 
-        After a long gap the old context is stale, so both windows start afresh at the slot.
+        After a long gap the old context is stale, so every window starts afresh at the slot.
         """
         slot = work.slot
         for w in self.windows:
-            if work.restart or slot % self.window == w.phase or w.frames == 0:
+            if work.restart or w.frames == 0 or (w.phase is not None and slot % self.window == w.phase):
                 w.state, w.frames, w.start_slot = self.zero, 0, slot
         return [w.state for w in self.windows]
 
@@ -122,10 +139,13 @@ class CameraTimeline:
         return max(self.windows, key=lambda w: (w.frames, -w.start_slot))
 
     def replay_start_slot(self, next_slot: int) -> int:
-        """First slot whose frames rebuild both windows as they are at `next_slot`.
+        """First slot whose frames rebuild the windows as they are at `next_slot`.
 
-        The older window began at the latest phase boundary `W` slots back at most; frames up to
-        `max_gap + 1` slots earlier decide whether the gap before it was filled or restarted.
+        The older window began at the latest phase boundary `W` slots back at most (an EMA state:
+        `ema_replay` slots back, approximately); frames up to `max_gap + 1` slots earlier decide
+        whether the gap before it was filled or restarted.
         """
-        starts = [next_slot - ((next_slot - w.phase) % self.window) for w in self.windows]
+        if self.ema_replay is not None:
+            return next_slot - self.ema_replay - self.max_gap - 1
+        starts = [next_slot - ((next_slot - (w.phase or 0)) % self.window) for w in self.windows]
         return min(starts) - self.max_gap - 1

@@ -63,6 +63,28 @@ class Settings(BaseSettings):
         description="slots per window before a state is reset (default: the model's training clip, "
         "50 for A0-A2); two windows staggered by half give every prediction window/2..window frames",
     )
+    temporal: Literal["windows", "ema"] = Field(
+        "windows",
+        description="how a camera's context is bounded: 'windows' keeps two staggered states reset every "
+        "window slots (each prediction exactly the base model's on its window's frames; two model steps "
+        "per slot); 'ema' keeps one state whose pooled features are an exponential moving average "
+        "(one model step per slot, half the compute and memory; a takeover rebuilds it approximately)",
+    )
+    ema_frames: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="ema mode: the frame count c each state is held at, i.e. weight 1/(c+1) on the "
+        "newest frame (default: window/2, the mean age of a window's frames)",
+    )
+    ema_replay_slots: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="ema mode: slots a worker replays to rebuild a camera it picks up; older frames "
+        "weigh (c/(c+1))^slots in the uninterrupted state (default: 4 * ema_frames, which leaves them "
+        "under 2 percent)",
+    )
     max_gap_slots: int = Field(
         5,
         ge=0,

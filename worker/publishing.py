@@ -34,7 +34,15 @@ class Row:
 
 
 def make_prediction(
-    row: Row, camera: str, clock: Clock, labels: list[str], *, k: int, model: str, worker: str
+    row: Row,
+    camera: str,
+    clock: Clock,
+    labels: list[str],
+    *,
+    k: int,
+    model: str,
+    worker: str,
+    ema_frames: int | None = None,
 ) -> Prediction:
     top = top_k(softmax(row.logits), labels, k)
     return Prediction(
@@ -44,6 +52,8 @@ def make_prediction(
         end_ms=clock.end_ms(row.work.slot),
         window_start_ms=clock.start_ms(row.window_start_slot),
         frames=row.frames,
+        temporal="ema" if ema_frames else "windows",
+        ema_frames=ema_frames,
         repeated=row.work.repeated,
         capture_ms=row.work.capture_ms,
         model=model,
@@ -142,6 +152,7 @@ class Publishing(WorkerCore):
                         k=cam.top_k,
                         model=self.model_name,
                         worker=self.settings.worker_id,
+                        ema_frames=self.ema_frames,
                     ),
                 )
                 for r in fresh

@@ -72,6 +72,8 @@ class WorkerCore:
     ownership: Ownership
     fps: float
     window: int
+    ema_frames: int | None  # EMA mode: the frame count states are held at; None: two windows
+    ema_replay: int | None
     size: tuple[int, int]
     model_name: str
     cameras: dict[str, Camera]
@@ -98,7 +100,12 @@ class WorkerCore:
     def _timeline(self, cam: Camera) -> CameraTimeline:
         if cam.timeline is None:
             cam.timeline = CameraTimeline(
-                cam.name, cam.clock, self.window, self.settings.max_gap_slots, self.backend.init_state()
+                cam.name,
+                cam.clock,
+                self.window,
+                self.settings.max_gap_slots,
+                self.backend.init_state(),
+                ema_replay=self.ema_replay,
             )
             self._count_active()
         return cam.timeline

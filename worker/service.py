@@ -54,6 +54,12 @@ class Worker(Intake, Publishing):
         info = backend.info
         self.fps = settings.fps or info.fps
         self.window = settings.window or info.clip_frames
+        self.ema_frames: int | None = None
+        self.ema_replay: int | None = None
+        if settings.temporal == "ema":
+            self.ema_frames = settings.ema_frames or max(1, self.window // 2)
+            self.ema_replay = settings.ema_replay_slots or 4 * self.ema_frames
+        self.per_slot = 1 if self.ema_frames else 2  # model steps per camera per slot
         self.size = (info.height, info.width)
         self.model_name = Path(info.source).name or info.source
         self.cameras: dict[str, Camera] = {}  # known: discovered or subscribed; owned ones hold state
@@ -250,13 +256,14 @@ class Worker(Intake, Publishing):
                 await self._work.wait()
                 continue
             started = time.perf_counter()
+            per = self.per_slot
             states: list[Any] = []
-            images = np.empty((2 * len(batch), *self.size, 3), np.uint8)
+            images = np.empty((per * len(batch), *self.size, 3), np.uint8)
             for i, work in enumerate(batch):
                 timeline = self.cameras[work.camera].timeline
                 assert timeline is not None
                 states.extend(timeline.states_for(work))
-                images[2 * i] = images[2 * i + 1] = work.image
+                images[per * i : per * i + per] = work.image
             self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - started)
             started = time.perf_counter()
             logits, new_states = await loop.run_in_executor(self._model_pool, self._step, images, states)
@@ -269,8 +276,8 @@ class Worker(Intake, Publishing):
                 owner = self.cameras.get(work.camera)
                 if owner is None or owner.timeline is None or not owner.owned:
                     continue  # lost or dropped while stepping
-                chosen = owner.timeline.advance(work.slot, new_states[2 * i : 2 * i + 2])
-                index = 2 * i + owner.timeline.windows.index(chosen)
+                chosen = owner.timeline.advance(work.slot, new_states[per * i : per * i + per])
+                index = per * i + owner.timeline.windows.index(chosen)
                 row = Row(work, chosen.start_slot, chosen.frames, logits[index])
                 if owner.alerts is not None and (
                     owner.published_slot is None or work.slot > owner.published_slot
@@ -290,6 +297,6 @@ class Worker(Intake, Publishing):
         frames *= 1.0 / 255.0
         stepping = time.perf_counter()
         self.metrics.stage_seconds.labels("convert").inc(stepping - started)
-        result = self.backend.step(frames[:, None], states)
+        result = self.backend.step(frames[:, None], states, self.ema_frames)
         self.metrics.stage_seconds.labels("model").inc(time.perf_counter() - stepping)
         return result

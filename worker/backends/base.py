@@ -41,12 +41,19 @@ class Backend(abc.ABC):
         """A fresh state: zeros of every state tensor, frame count 0."""
 
     @abc.abstractmethod
-    def step(self, frames: np.ndarray, states: Sequence[State]) -> tuple[np.ndarray, list[State]]:
+    def step(
+        self, frames: np.ndarray, states: Sequence[State], hold: int | None = None
+    ) -> tuple[np.ndarray, list[State]]:
         """Advance N cameras by one frame each.
 
         `frames` is `[N, 1, H, W, 3]` float32 RGB in [0, 1], `states[i]` belongs to `frames[i]`.
         Returns logits `[N, num_classes]` and the N new states, in the same order. The input
         states are not modified, so a caller may step the same state twice.
+
+        `hold` (the EMA mode of DESIGN.md): a new state that has seen more than `hold` frames is
+        held at `hold`: each pooled sum is scaled by `hold / count` and each frame count set to
+        `hold`, which keeps every pooled mean as it is. Stepping a held state again then weighs the
+        newest frame by `1 / (hold + 1)` and the running mean by `hold / (hold + 1)`.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
@@ -59,6 +66,15 @@ class Backend(abc.ABC):
             raise ValueError(f"frames must be shaped {list(expected)}, got {list(frames.shape)}")
         if frames.dtype != np.float32:
             raise ValueError(f"frames must be float32 in [0, 1], got {frames.dtype}")
+
+
+POOL_SUFFIX = "_pool_buffer"
+FRAME_COUNT_SUFFIX = "_pool_frame_count"
+
+
+def hold_factor(count: int, hold: int | None) -> float | None:
+    """The scale that holds a state at `hold` frames, or None when it needs none."""
+    return hold / count if hold is not None and count > hold else None
 
 
 class ClipModel(abc.ABC):

@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from worker.backends.base import Backend, ModelLoadError, State
+from worker.backends.base import FRAME_COUNT_SUFFIX, POOL_SUFFIX, Backend, ModelLoadError, State, hold_factor
 from worker.modelinfo import resolve_info
 
-FRAME_COUNT_SUFFIX = "_pool_frame_count"
 HEAD_POOL = "state_head_pool_buffer"
 
 
@@ -96,7 +95,9 @@ class LiteRTBackend(Backend):
         missing = [n for n in self.state_names if n not in first.outputs]
         if missing:
             raise ModelLoadError(f"{path!r}: state inputs without a matching output: {missing[:3]}")
-        self.count_name = next((n for n in self.state_names if n.endswith(FRAME_COUNT_SUFFIX)), None)
+        self.count_names = [n for n in self.state_names if n.endswith(FRAME_COUNT_SUFFIX)]
+        self.count_name = self.count_names[0] if self.count_names else None
+        self.pool_names = [n for n in self.state_names if n.endswith(POOL_SUFFIX)]
         probe = first.interpreter.get_tensor(first.outputs["logits"])
         head = first.inputs.get(HEAD_POOL)
         self.info = resolve_info(
@@ -122,28 +123,38 @@ class LiteRTBackend(Backend):
         return self._zero  # never written to: each step returns fresh arrays
 
     def _run_chunk(
-        self, runner: _Runner, frames: np.ndarray, states: Sequence[LiteState]
+        self, runner: _Runner, frames: np.ndarray, states: Sequence[LiteState], hold: int | None
     ) -> tuple[np.ndarray, list[LiteState]]:
         logits = np.empty((len(states), self.info.num_classes), np.float32)
+        held = np.array([hold or 0], np.int32)  # shared: set_tensor copies it, nothing writes it
         new = []
         for i, state in enumerate(states):
             out = runner.run(frames[i : i + 1], state.arrays)
             logits[i] = out.pop("logits")[0]
             count = int(out[self.count_name][0]) if self.count_name else state.count + 1
+            factor = hold_factor(count, hold)
+            if factor is not None and hold is not None:
+                for name in self.pool_names:
+                    out[name] *= np.float32(factor)  # get_tensor returned copies: ours to scale
+                for name in self.count_names:
+                    out[name] = held
+                count = hold
             new.append(LiteState(out, count))
         return logits, new
 
-    def step(self, frames: np.ndarray, states: Sequence[State]) -> tuple[np.ndarray, list[State]]:
+    def step(
+        self, frames: np.ndarray, states: Sequence[State], hold: int | None = None
+    ) -> tuple[np.ndarray, list[State]]:
         self.check_frames(frames, states)
         lite = [s for s in states if isinstance(s, LiteState)]
         if len(lite) != len(states):
             raise TypeError("LiteRTBackend.step takes states made by this backend")
         if self._pool is None or len(lite) == 1:
-            logits, new = self._run_chunk(self._runners[0], frames, lite)
+            logits, new = self._run_chunk(self._runners[0], frames, lite, hold)
             return logits, list(new)
         bounds = np.linspace(0, len(lite), len(self._runners) + 1).astype(int)
         futures = [
-            self._pool.submit(self._run_chunk, runner, frames[a:b], lite[a:b])
+            self._pool.submit(self._run_chunk, runner, frames[a:b], lite[a:b], hold)
             for runner, a, b in zip(self._runners, bounds[:-1], bounds[1:], strict=True)
             if b > a
         ]

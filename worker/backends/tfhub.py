@@ -15,11 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from worker.backends.base import Backend, ClipModel, ModelLoadError, State
+from worker.backends.base import (
+    FRAME_COUNT_SUFFIX,
+    POOL_SUFFIX,
+    Backend,
+    ClipModel,
+    ModelLoadError,
+    State,
+    hold_factor,
+)
 from worker.batching import bucket_size, group_by_count
 from worker.modelinfo import resolve_info
 
-FRAME_COUNT_SUFFIX = "_pool_frame_count"
 HEAD_POOL = "state_head_pool_buffer"
 
 
@@ -105,12 +112,15 @@ class TFHubBackend(Backend):
         self.state_names = sorted(template)
         self.count_names = [n for n in self.state_names if n.endswith(FRAME_COUNT_SUFFIX)]
         self.batched_names = [n for n in self.state_names if not n.endswith(FRAME_COUNT_SUFFIX)]
+        self.pool_names = [n for n in self.state_names if n.endswith(POOL_SUFFIX)]
         self._zero = TFState(dict(template), 0)
 
     def init_state(self) -> TFState:
         return self._zero  # tensors are immutable; sharing the zero state is safe
 
-    def step(self, frames: np.ndarray, states: Sequence[State]) -> tuple[np.ndarray, list[State]]:
+    def step(
+        self, frames: np.ndarray, states: Sequence[State], hold: int | None = None
+    ) -> tuple[np.ndarray, list[State]]:
         self.check_frames(frames, states)
         tf_states = [s for s in states if isinstance(s, TFState)]
         if len(tf_states) != len(states):
@@ -120,13 +130,15 @@ class TFHubBackend(Backend):
         for _, idxs in group_by_count(tf_states):
             for start in range(0, len(idxs), self.batch_sizes[-1]):
                 chunk = idxs[start : start + self.batch_sizes[-1]]
-                out_logits, out_states = self._call([tf_states[i] for i in chunk], frames[chunk])
+                out_logits, out_states = self._call([tf_states[i] for i in chunk], frames[chunk], hold)
                 logits[chunk] = out_logits
                 for i, st in zip(chunk, out_states, strict=False):
                     new[i] = st
         return logits, new
 
-    def _call(self, group: list[TFState], frames: np.ndarray) -> tuple[np.ndarray, list[TFState]]:
+    def _call(
+        self, group: list[TFState], frames: np.ndarray, hold: int | None
+    ) -> tuple[np.ndarray, list[TFState]]:
         tf = self._tf
         n = len(group)
         size = bucket_size(n, self.batch_sizes)
@@ -144,6 +156,15 @@ class TFHubBackend(Backend):
         inputs["image"] = tf.constant(frames)
         out_logits, out_states = self.model(inputs)
         count = int(out_states[self.count_names[0]].numpy()[0]) if self.count_names else group[0].count + 1
+        factor = hold_factor(count, hold)
+        if factor is not None and hold is not None:  # the whole batch shares the count, so one scale
+            out_states = dict(out_states)
+            for name in self.pool_names:
+                out_states[name] = out_states[name] * tf.constant(factor, out_states[name].dtype)
+            held = tf.constant([hold], tf.int32)
+            for name in self.count_names:
+                out_states[name] = held
+            count = hold
         if size == 1:
             return out_logits.numpy(), [TFState(dict(out_states), count)]
         parts = {name: tf.split(out_states[name], size, axis=0) for name in self.batched_names}
