@@ -127,7 +127,6 @@ class Publishing(WorkerCore):
 
     async def _publish(self, rows: list[tuple[Camera, Row]]) -> None:
         """Per camera one fenced script: predictions in, committed position forward; then dead letters."""
-        now_ms = int(time.time() * 1000)
         per_camera: dict[str, tuple[Camera, list[Row]]] = {}
         for cam, row in rows:
             per_camera.setdefault(cam.name, (cam, []))[1].append(row)
@@ -157,9 +156,10 @@ class Publishing(WorkerCore):
                 )
                 for r in fresh
             ]
-            # Everything read is done once nothing is queued; otherwise up to the last slot published.
+            # Everything read is done once nothing is queued or stepping; else up to the last slot published.
             ids = [e for r in cam_rows for e in r.work.entry_ids]
-            commit = cam.cursor if not cam.pending else max(ids, key=id_key, default="")
+            done = not cam.pending and not cam.in_model
+            commit = cam.cursor if done else max(ids, key=id_key, default="")
             if commit and id_key(commit) <= id_key(cam.committed):
                 commit = ""
             events = cam.pending_alerts + [a for r in cam_rows for a in r.alerts]
@@ -195,6 +195,7 @@ class Publishing(WorkerCore):
                 approximate=True,
             )
         results = await pipe.execute(raise_on_error=False)
+        now_ms = int(time.time() * 1000)  # published: what latency and lag are measured to
         for result in results:
             if isinstance(result, REDIS_ERRORS):
                 raise result

@@ -54,6 +54,7 @@ class Camera:
     published_slot: int | None = None  # last slot with a prediction in the output stream
     acquired_at: float = 0.0
     replayed: int = 0
+    in_model: int = 0  # slots taken off `pending` and not yet advanced: not done, not to be committed
     newest_ms: int = 0  # start of the newest slot published
     lag: float = 0.0  # wall clock minus newest_ms when it was published
     seen_at: float = dataclasses.field(default_factory=time.monotonic)

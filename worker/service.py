@@ -241,55 +241,90 @@ class Worker(Intake, Publishing):
     # ---- stepping and publishing -----------------------------------------------------------
 
     async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._hand_over()
-            for name in [n for n in self.unsubscribed if n in self.cameras and not self.cameras[n].owned]:
-                del self.cameras[name]
-            batch = [cam.pending.popleft() for cam in self.cameras.values() if cam.owned and cam.pending]
-            if not batch:
-                if self._dead_letters or any(c.pending_alerts for c in self.cameras.values()):
-                    await self._publish_retrying([])
-                if self.stopping.is_set():
-                    return
-                self._work.clear()
-                await self._work.wait()
-                continue
-            started = time.perf_counter()
-            per = self.per_slot
-            states: list[Any] = []
-            images = np.empty((per * len(batch), *self.size, 3), np.uint8)
-            for i, work in enumerate(batch):
-                timeline = self.cameras[work.camera].timeline
-                assert timeline is not None
-                states.extend(timeline.states_for(work))
-                images[per * i : per * i + per] = work.image
-            self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - started)
-            started = time.perf_counter()
-            logits, new_states = await loop.run_in_executor(self._model_pool, self._step, images, states)
-            self.metrics.step_seconds.observe(time.perf_counter() - started)
-            advanced = time.perf_counter()
-            self.metrics.batch_size.observe(len(states))
-            self.metrics.frames_stepped.inc(len(states))
-            rows: list[tuple[Camera, Row]] = []
-            for i, work in enumerate(batch):
-                owner = self.cameras.get(work.camera)
-                if owner is None or owner.timeline is None or not owner.owned:
-                    continue  # lost or dropped while stepping
-                chosen = owner.timeline.advance(work.slot, new_states[per * i : per * i + per])
-                index = per * i + owner.timeline.windows.index(chosen)
-                row = Row(work, chosen.start_slot, chosen.frames, logits[index])
-                if owner.alerts is not None and (
-                    owner.published_slot is None or work.slot > owner.published_slot
+        """Rounds of one slot per owned camera; a round's publish overlaps the next round's model step.
+
+        At most one publish is in flight, so predictions reach Redis in order; hand-overs and the
+        final drain wait for it, so a lease is never released with the camera's output unwritten.
+        """
+        publishing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if publishing is not None and (
+                    self.stopping.is_set() or any(c.release for c in self.cameras.values())
                 ):
-                    start, end = owner.clock.start_ms(work.slot), owner.clock.end_ms(work.slot)
-                    row.alerts = owner.alerts.evaluate(work.slot, start, end, softmax(row.logits))
-                rows.append((owner, row))
-            published = time.perf_counter()
-            self.metrics.stage_seconds.labels("state").inc(published - advanced)
-            await self._publish_retrying(rows)
-            self.metrics.stage_seconds.labels("publish").inc(time.perf_counter() - published)
-            self._space.set()
+                    await publishing
+                    publishing = None
+                await self._hand_over()
+                for name in [n for n in self.unsubscribed if n in self.cameras and not self.cameras[n].owned]:
+                    del self.cameras[name]
+                batch = [cam.pending.popleft() for cam in self.cameras.values() if cam.owned and cam.pending]
+                if not batch:
+                    if publishing is not None:
+                        await publishing
+                        publishing = None
+                        continue
+                    if self._dead_letters or any(c.pending_alerts for c in self.cameras.values()):
+                        await self._publish_retrying([])
+                    if self.stopping.is_set():
+                        return
+                    self._work.clear()
+                    await self._work.wait()
+                    continue
+                rows = await self._round(batch)
+                if publishing is not None:
+                    await publishing
+                publishing = asyncio.create_task(self._publish_round(rows))
+        finally:
+            if publishing is not None and not publishing.done():
+                publishing.cancel()
+
+    async def _round(self, batch: list[Any]) -> list[tuple[Camera, Row]]:
+        """Step one slot of each camera in `batch` (in the model thread) and turn the results into rows."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        per = self.per_slot
+        states: list[Any] = []
+        images = np.empty((per * len(batch), *self.size, 3), np.uint8)
+        for i, work in enumerate(batch):
+            cam = self.cameras[work.camera]
+            assert cam.timeline is not None
+            cam.in_model += 1
+            states.extend(cam.timeline.states_for(work))
+            images[per * i : per * i + per] = work.image
+        self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            logits, new_states = await loop.run_in_executor(self._model_pool, self._step, images, states)
+        finally:
+            for work in batch:
+                if work.camera in self.cameras:
+                    self.cameras[work.camera].in_model -= 1
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        advanced = time.perf_counter()
+        self.metrics.batch_size.observe(len(states))
+        self.metrics.frames_stepped.inc(len(states))
+        rows: list[tuple[Camera, Row]] = []
+        for i, work in enumerate(batch):
+            owner = self.cameras.get(work.camera)
+            if owner is None or owner.timeline is None or not owner.owned:
+                continue  # lost or dropped while stepping
+            chosen = owner.timeline.advance(work.slot, new_states[per * i : per * i + per])
+            index = per * i + owner.timeline.windows.index(chosen)
+            row = Row(work, chosen.start_slot, chosen.frames, logits[index])
+            if owner.alerts is not None and (
+                owner.published_slot is None or work.slot > owner.published_slot
+            ):
+                start, end = owner.clock.start_ms(work.slot), owner.clock.end_ms(work.slot)
+                row.alerts = owner.alerts.evaluate(work.slot, start, end, softmax(row.logits))
+            rows.append((owner, row))
+        self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - advanced)
+        return rows
+
+    async def _publish_round(self, rows: list[tuple[Camera, Row]]) -> None:
+        started = time.perf_counter()
+        await self._publish_retrying(rows)
+        self.metrics.stage_seconds.labels("publish").inc(time.perf_counter() - started)
+        self._space.set()
 
     def _step(self, images: np.ndarray, states: list[Any]) -> tuple[np.ndarray, list[Any]]:
         started = time.perf_counter()
