@@ -1,6 +1,6 @@
 """`movinet-worker bench`: the tutorial's loop, the model alone, and the whole worker, in one run.
 
-One command on one machine measures, for each backend:
+One command on one machine measures, for each backend and each temporal mode (--temporal):
 
 1. baseline: the TF Hub object called frame by frame, batch 1, camera after camera (the tutorial);
 2. model only: `Backend.step` over one worker round of N cameras (LiteRT at its best layout);
@@ -10,12 +10,19 @@ One command on one machine measures, for each backend:
 5. where the time goes per camera-frame, CPU of the worker, Redis and the publishers, and the memory
    the worker holds per camera.
 
-Units: a camera-frame is one camera's frame on one slot, i.e. one prediction. The worker steps two
-window states per camera-frame (two model steps); the tutorial steps one state per camera-frame. Both
-are reported; ratios compare the same unit on both sides.
+Temporal modes: "windows" keeps two staggered window states per camera (two model steps per
+camera-frame, of two frame counts); "ema" keeps one state per camera held at c frames (one step per
+camera-frame; all cameras share the frame count, so TF steps them in one batch).
+
+Units: a camera-frame is one camera's frame on one slot, i.e. one prediction; a model step is one
+state stepped by one frame (2 per camera-frame in windows mode, 1 in ema mode and in the tutorial).
+Both are reported; ratios compare the same unit on both sides.
 
 Each backend runs in a process of its own (a LiteRT worker never loads TensorFlow, whose presence
 slows LiteRT down), one after the other, against one private `redis-server` on a free loopback port.
+Modules: this one (options, running), `bench_worker` (a backend's process: model only, drain),
+`bench_live` (live trials and search), `bench_harness` (meters, a worker in a thread),
+`bench_report` (sections, targets, tables).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from worker.bench_harness import TEMPORAL_MODES, BackendJob, Temporal
 from worker.bench_model import machine
-from worker.bench_worker import LIVE_P99_LIMIT_MS, STAGES, BackendJob, backend_process
+from worker.bench_report import finite, format_report, merge, targets
+from worker.bench_worker import backend_process
 
 QUICK = {
     "cameras": 2,
@@ -46,12 +55,6 @@ QUICK = {
     "live_budget": 1.0,
     "live_warmup": 2.0,
 }
-# The issue's targets (A0 at 172x172 on the project's 2-core machine).
-TARGET_E2E_SHARE = 0.8
-TARGET_X_BASELINE = {"tfhub": 5.0, "litert": 12.0}
-TARGET_LIVE_CAMERAS = {"tfhub": 20, "litert": 100}
-TARGET_MEMORY_X_STATE = 2.5
-STEPPER_STAGES = ("state", "convert", "model", "publish")  # one after the other in each round
 SYNTHETIC_FRAMES = 16
 SOURCE_FRAMES = 64
 
@@ -66,6 +69,17 @@ def _layouts(text: str) -> list[tuple[int, int]]:
         interpreters, _, threads = item.strip().partition("x")
         out.append((int(interpreters), int(threads or 1)))
     return out
+
+
+def _temporal(text: str) -> list[Temporal]:
+    modes: list[Temporal] = []
+    for item in text.split(","):
+        mode = next((m for m in TEMPORAL_MODES if m == item.strip()), None)
+        if mode is None:
+            raise argparse.ArgumentTypeError(f"expected a comma list of windows, ema; got {text!r}")
+        if mode not in modes:
+            modes.append(mode)
+    return modes
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -86,6 +100,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("tfhub", "litert"),
         help="backends to measure (repeatable; default: each one given a model; the baseline runs "
         "with --tf-model whatever this says)",
+    )
+    parser.add_argument(
+        "--temporal",
+        type=_temporal,
+        default=list(TEMPORAL_MODES),
+        metavar="MODES",
+        help="temporal modes to measure, comma list (default windows,ema): 'windows' = two window "
+        "states per camera, 2 model steps per camera-frame; 'ema' = one state held at window/2 frames, "
+        "1 step. Every section is measured in each; the LiteRT layout is chosen by the first one",
     )
     parser.add_argument(
         "--cameras", type=int, default=32, help="N for model only and end to end (default 32)"
@@ -116,7 +139,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--live-max", type=int, default=256, help="largest N the live search tries")
     parser.add_argument(
-        "--live-budget", type=float, default=180.0, help="seconds of live trials per backend (default 180)"
+        "--live-budget",
+        type=float,
+        default=180.0,
+        help="seconds of live trials per backend and temporal mode (default 180)",
     )
     parser.add_argument(
         "--live-warmup", type=float, default=4.0, help="seconds each live trial runs before measuring"
@@ -138,7 +164,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI: 2 cameras, short runs, one live trial; checks that the bench runs, not a speed",
+        help="CI: 2 cameras, short runs, one live trial per backend and mode; checks that the bench runs, "
+        "not a speed",
     )
     parser.add_argument("--no-progress", action="store_true", help="never show progress bars")
 
@@ -209,9 +236,9 @@ def run_job(job: BackendJob, timeout: float) -> dict[str, Any]:
 
 
 def job_timeout(job: BackendJob) -> float:
-    """Generous: loading and tracing, every model-only setting, the drain, and the live budget."""
+    """Generous: loading and tracing, every model-only setting, and per mode the drain and live budget."""
     trial = job.live_warmup + job.duration + 60
-    return 600 + 20 * job.duration + job.live_budget + 2 * trial
+    return 600 + len(job.temporal) * (20 * job.duration + job.live_budget + 2 * trial)
 
 
 def collect(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
@@ -229,8 +256,9 @@ def collect(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         "frames": {"count": len(jpegs), "mean_jpeg_bytes": sum(map(len, jpegs)) / len(jpegs)},
         "units": {
             "camera_frame": "one camera's frame on one slot: one prediction",
-            "model_step": "one state stepped by one frame; the worker steps 2 per camera-frame "
-            "(two windows), the tutorial's loop 1",
+            "model_step": "one state stepped by one frame; the worker steps 2 per camera-frame in "
+            "windows mode (two window states), 1 in ema mode (one state), the tutorial's loop 1",
+            "temporal": "every row but the baseline's is of one temporal mode: windows or ema",
             "ratios": "same unit on both sides",
         },
         "baseline": None,
@@ -259,6 +287,7 @@ def collect(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             frame_size=args.frame_size,
             layouts=args.layouts,
             batch_sizes=args.batch_sizes,
+            temporal=args.temporal,
             baseline_cameras=args.baseline_cameras if name == "tfhub" else 0,
             live_start=args.live_start,
             live_max=args.live_max,
@@ -270,316 +299,6 @@ def collect(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         merge(doc, run_job(job, job_timeout(job)))
     doc["targets"] = targets(doc)
     return doc
-
-
-def merge(doc: dict[str, Any], result: dict[str, Any]) -> None:
-    """File one backend's result into the report's sections, with the ratios between them."""
-    backend = result["backend"]
-    if "error" in result:
-        doc["errors"].append({"backend": backend, "error": result["error"]})
-        return
-    if result.get("baseline"):
-        row = result["baseline"]
-        doc["baseline"] = {
-            "backend": "tutorial",
-            "model": row["model"],
-            "layout": row["layout"],
-            "cameras": row["cameras"],
-            "camera_frames_per_second": row["frames_per_second"],
-            "model_steps_per_second": row["frames_per_second"],
-            "cpu_cores": row["cpu_cores"],
-        }
-    if result.get("skip"):
-        return
-    base = doc["baseline"]
-    best = next(r for r in result["model_only"] if r["best"])
-    for row in result["model_only"]:
-        doc["model_only"].append(_with_baseline(row, base))
-    e2e = _with_baseline(result["end_to_end"], base)
-    e2e["share_of_model_only"] = e2e["model_steps_per_second"] / best["model_steps_per_second"]
-    e2e["model_only_model_steps_per_second"] = best["model_steps_per_second"]
-    doc["end_to_end"].append(e2e)
-    live = result["live"]
-    doc["live"].append({"backend": backend, "model": result["model"], **live})
-    seconds_per_frame = 1.0 / e2e["camera_frames_per_second"]
-    stages = e2e["stage_ms_per_camera_frame"]
-    model_only_ms = 2e3 / best["model_steps_per_second"]
-    doc["breakdown"].append(
-        {
-            "backend": backend,
-            "source": f"drain, {e2e['cameras']} cameras",
-            "wall_ms_per_camera_frame": 1e3 * seconds_per_frame,
-            "stage_ms_per_camera_frame": stages,
-            "stepper_ms_per_camera_frame": sum(stages[s] for s in STEPPER_STAGES),
-            "states_per_round": e2e["states_per_round"],
-            "cpu_ms_per_camera_frame": e2e["cpu_ms_per_camera_frame"],
-            "model_only_ms_per_camera_frame": model_only_ms,
-        }
-    )
-    at_max = live.get("at_max") or {}
-    if at_max:
-        stages = at_max["stage_ms_per_camera_frame"]
-        frames = max(at_max["predictions_published"], 1)
-        doc["breakdown"].append(
-            {
-                "backend": backend,
-                "source": f"live, {at_max['cameras']} cameras",
-                "wall_ms_per_camera_frame": 1e3 * at_max["seconds"] / frames,
-                "stage_ms_per_camera_frame": stages,
-                "stepper_ms_per_camera_frame": sum(stages[s] for s in STEPPER_STAGES),
-                "states_per_round": at_max["states_per_round"],
-                "cpu_ms_per_camera_frame": {
-                    k: 1e3 * v * at_max["seconds"] / frames for k, v in at_max["cpu_cores"].items()
-                },
-                "model_only_ms_per_camera_frame": model_only_ms,
-            }
-        )
-    held = at_max.get("held") or e2e.get("held_during_backlog") or {}
-    state = result["state_bytes"]
-    doc["memory"].append(
-        {
-            "backend": backend,
-            "measured": f"live, {at_max['cameras']} cameras" if at_max else "end to end backlog",
-            "state_bytes": state,
-            "state_bytes_per_camera": held.get("state_bytes_per_camera", 0.0),
-            "image_bytes_per_camera": held.get("image_bytes_per_camera", 0.0),
-            "x_state": (held.get("state_bytes_per_camera", 0.0) + held.get("image_bytes_per_camera", 0.0))
-            / state,
-            "rss_delta_per_camera": at_max.get("rss_delta_per_camera"),
-            "backlog": e2e.get("held_during_backlog"),
-        }
-    )
-
-
-def _with_baseline(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(row)
-    if base:
-        out["x_baseline_camera_frames"] = row["camera_frames_per_second"] / base["camera_frames_per_second"]
-        out["x_baseline_model_steps"] = row["model_steps_per_second"] / base["model_steps_per_second"]
-    return out
-
-
-def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, target: float, measured: float | None, higher: bool = True) -> None:
-        met = measured is not None and (measured >= target if higher else measured <= target)
-        out.append({"target": name, "wanted": target, "measured": measured, "met": met})
-
-    for e2e in doc["end_to_end"]:
-        b = e2e["backend"]
-        add(f"{b}: end to end / model only (model steps/s)", TARGET_E2E_SHARE, e2e["share_of_model_only"])
-        if b in TARGET_X_BASELINE:
-            add(
-                f"{b}: end to end x baseline (camera-frames/s)",
-                TARGET_X_BASELINE[b],
-                e2e.get("x_baseline_camera_frames"),
-            )
-    for live in doc["live"]:
-        b = live["backend"]
-        add(
-            f"{b}: live cameras at 5 fps, p99 < {LIVE_P99_LIMIT_MS:.0f} ms",
-            TARGET_LIVE_CAMERAS.get(b, 0),
-            live["max_cameras"],
-        )
-    for mem in doc["memory"]:
-        add(
-            f"{mem['backend']}: memory held per camera (x one state)",
-            TARGET_MEMORY_X_STATE,
-            mem["x_state"],
-            False,
-        )
-    return out
-
-
-# ---- the report ---------------------------------------------------------------------------------
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)) for line in (head, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _f(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def format_report(doc: dict[str, Any]) -> str:
-    m = doc["machine"]
-    out = [
-        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; redis-server "
-        f"{doc['redis']['version']} at {doc['redis']['url']} (private); "
-        f"frames: {doc['frames']['count']} JPEGs of {doc['frames']['mean_jpeg_bytes'] / 1e3:.1f} kB",
-        "camera-frame = one camera's frame on one slot (one prediction); the worker steps 2 window "
-        "states per camera-frame, the tutorial 1",
-        "",
-        "1-3. throughput",
-    ]
-    rows: list[Sequence[str]] = []
-    sections = [("baseline", [doc["baseline"]] if doc["baseline"] else [])]
-    sections += [("model only", doc["model_only"]), ("end to end", doc["end_to_end"])]
-    for section, items in sections:
-        for r in items:
-            mark = " *" if r.get("best") else ""
-            rows.append(
-                (
-                    section,
-                    r["backend"],
-                    Path(r["model"]).name or r["model"],
-                    r["layout"] + mark,
-                    str(r["cameras"]),
-                    _f(r["camera_frames_per_second"]),
-                    _f(r["model_steps_per_second"]),
-                    _f(r.get("x_baseline_camera_frames"), 2) if section != "baseline" else "1.00",
-                    _f(r.get("x_baseline_model_steps"), 2) if section != "baseline" else "1.00",
-                    _pct(r.get("share_of_model_only")),
-                    _pct(r.get("cpu_cores", {}).get("other")),
-                )
-            )
-    head: Sequence[str] = (
-        "section",
-        "backend",
-        "model",
-        "layout (* best)",
-        "cameras",
-        "camera-frames/s",
-        "model steps/s",
-        "x base (frames)",
-        "x base (steps)",
-        "e2e/model-only",
-        "other CPU",
-    )
-    out += [_table(head, rows), "(other CPU: what the rest of the machine took meanwhile, 100% = a core)", ""]
-
-    out.append(
-        f"4. live: N cameras at 5 fps in real time, p99 capture-to-publish < {LIVE_P99_LIMIT_MS:.0f} ms"
-    )
-    rows = []
-    for live in doc["live"]:
-        at = live.get("at_max") or {}
-        cpu = at.get("cpu_cores", {})
-        trials = " ".join(
-            f"{t['cameras']}:{_f(t['p99_ms'], 0)}{'' if t['sustained'] else '!'}" for t in live["trials"]
-        )
-        rows.append(
-            (
-                live["backend"],
-                str(live["max_cameras"]),
-                str(live["first_failing"] or "-"),
-                _f(at.get("p50_ms"), 0),
-                _f(at.get("p99_ms"), 0),
-                _pct(cpu.get("worker")),
-                _pct(cpu.get("redis")),
-                _pct(cpu.get("publisher")),
-                _pct(cpu.get("other")),
-                trials,
-            )
-        )
-    head = (
-        "backend",
-        "max N",
-        "fails at",
-        "p50 ms",
-        "p99 ms",
-        "worker CPU",
-        "redis CPU",
-        "publishers CPU",
-        "other CPU",
-        "trials (N:p99 ms, ! = not sustained)",
-    )
-    out += [
-        _table(head, rows),
-        "(CPU at max N, as a share of one core, 200% = both; other = the rest of the machine meanwhile)",
-        "",
-    ]
-
-    out.append("5. where the time goes: ms per camera-frame (wall time in each stage)")
-    rows = []
-    for b in doc["breakdown"]:
-        stages = b["stage_ms_per_camera_frame"]
-        cpu = b["cpu_ms_per_camera_frame"]
-        rows.append(
-            (
-                b["backend"],
-                b["source"],
-                *(_f(stages[s], 2) for s in STAGES),
-                _f(b["stepper_ms_per_camera_frame"], 2),
-                _f(b["model_only_ms_per_camera_frame"], 2),
-                _f(b["wall_ms_per_camera_frame"], 2),
-                _f(b["states_per_round"], 1),
-                _f(cpu.get("worker"), 2),
-                _f(cpu.get("redis"), 2),
-                _f(cpu.get("publisher"), 2),
-                _f(cpu.get("other"), 2),
-            )
-        )
-    head = (
-        "backend",
-        "run",
-        *STAGES,
-        "stepper",
-        "model only",
-        "wall",
-        "states/round",
-        "worker CPU",
-        "redis CPU",
-        "publishers CPU",
-        "other CPU",
-    )
-    out += [
-        _table(head, rows),
-        "(stepper = state + convert + model + publish, one after the other each round; redis_read and "
-        "decode run beside it on the event loop; model only = the same step alone; wall = 1 / rate; "
-        "CPU in ms per camera-frame; in live runs redis_read also holds the wait for the next frame, "
-        "XREAD blocking until one arrives)",
-        "",
-    ]
-
-    out.append("memory held per camera")
-    rows = [
-        (
-            mem["backend"],
-            mem["measured"],
-            f"{mem['state_bytes'] / 1e6:.2f}",
-            f"{mem['state_bytes_per_camera'] / 1e6:.2f}",
-            f"{mem['image_bytes_per_camera'] / 1e6:.2f}",
-            _f(mem["x_state"], 2),
-        )
-        for mem in doc["memory"]
-    ]
-    head = ("backend", "measured", "one state MB", "states MB", "images MB", "x one state")
-    out += [
-        _table(head, rows),
-        "(between rounds; during a step a stepped camera's new states exist beside its old ones)",
-        "",
-    ]
-
-    out.append("targets")
-    rows = [
-        (t["target"], _f(t["wanted"], 2), _f(t["measured"], 2), "met" if t["met"] else "MISSED")
-        for t in doc["targets"]
-    ]
-    out.append(_table(("target", "wanted", "measured", ""), rows))
-    for err in doc["errors"]:
-        out += ["", f"{err['backend']} FAILED:", err["error"]]
-    return "\n".join(out)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: a p99 that could not be measured is null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -598,12 +317,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(doc))
     print(f"(bench took {doc['seconds']:.0f} s)")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(_finite(doc), indent=2, default=str) + "\n")
+        Path(args.json_path).write_text(json.dumps(finite(doc), indent=2, default=str) + "\n")
     return 1 if doc["errors"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="movinet-worker bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="movinet-worker bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_bench_arguments(parser)
     return cmd_bench(parser.parse_args(argv))
 

@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the whole worker: baseline, model-only, end to end, live, where time goes",
         description="One run on this machine: the tutorial's loop as baseline, each backend model-only, "
         "a worker draining N cameras preloaded in a private local Redis, the most live 5 fps cameras "
-        "held under a p99 of one slot, and the time per stage; prints a table, --json writes it.",
+        "held under a p99 of one slot, and the time per stage, in each temporal mode (windows, ema); "
+        "prints a table, --json writes it.",
     )
     add_bench_arguments(p)
 

@@ -62,7 +62,8 @@ class Metrics:
         )
         # Where a frame's time goes, in wall seconds per stage (`movinet-worker bench` reads it):
         # redis_read (XREAD round trips), decode, state (gathering and advancing window states),
-        # convert (images to the model's float input), model (the backend's step), publish.
+        # convert (images to the model's float input), model (the backend's step), publish (which
+        # overlaps the next round's model step).
         self.stage_seconds = Counter(
             "movinet_stage_seconds_total",
             "Wall time spent in each stage of the data path",
