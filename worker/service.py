@@ -104,10 +104,13 @@ class Worker(Intake, Publishing):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work.set()
+        keeper = asyncio.create_task(self._keep_leases(), name="leases")  # the drain may outlast a lease
         try:
             await asyncio.wait_for(stepper, timeout=self.settings.grace_seconds)
         except asyncio.TimeoutError:
             log.warning("grace period over with work pending; the next owner replays it")
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         if stepper.done() and not stepper.cancelled() and stepper.exception() is not None:
             raise RuntimeError("the model stepper failed") from stepper.exception()
         with contextlib.suppress(*REDIS_ERRORS, ResponseError):
@@ -142,10 +145,7 @@ class Worker(Intake, Publishing):
             if name and name not in self.cameras and name not in self.unsubscribed:
                 self._camera(name)
 
-    async def _own_once(self) -> None:
-        """Heartbeat, renew leases, and take or hand over cameras to match the shared assignment."""
-        await self._discover()
-        live = await self.ownership.heartbeat()
+    async def _renew(self) -> None:
         for name in await self.ownership.renew():
             cam = self.cameras.get(name)
             log.warning("camera %s: lease lost; state dropped", name)
@@ -153,6 +153,21 @@ class Worker(Intake, Publishing):
             if cam is not None:
                 cam.owned = False
                 self._drop_state(cam)
+
+    async def _keep_leases(self) -> None:
+        """While draining after a stop: only renew the leases, so the slots in flight stay ours to publish."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await self._renew()
+            except (*REDIS_ERRORS, ResponseError) as exc:
+                log.warning("lease renewal failed while draining (%s)", exc)
+
+    async def _own_once(self) -> None:
+        """Heartbeat, renew leases, and take or hand over cameras to match the shared assignment."""
+        await self._discover()
+        live = await self.ownership.heartbeat()
+        await self._renew()
         wanted = assign(list(self.cameras), live)
         for name, cam in self.cameras.items():
             mine = wanted.get(name) == self.settings.worker_id
