@@ -400,8 +400,9 @@ def test_workers_share_cameras_fairly_and_take_over_a_dead_ones(
         assert slots == sorted(set(slots)) and len(slots) == 6
     registry = a.metrics.registry
     assert registry.get_sample_value("movinet_leases_taken_over_total") == len(from_b)
-    # 6 from the dead worker's 3 plus its own 3; 9 if it held all 6 before the other one registered.
-    assert registry.get_sample_value("movinet_leases_acquired_total") in (6, 9)
+    # Its own 3 and the dead worker's 3, plus those of the other's 3 it took before the other one
+    # registered and then handed over (none to all 3, depending on who started first).
+    assert 6 <= registry.get_sample_value("movinet_leases_acquired_total") <= 9
     assert a.client.exists(a.settings.owner("cam0")) == 0  # released on stop
     assert a.client.zscore(a.settings.workers_key, a.settings.worker_id) is None  # deregistered
 
