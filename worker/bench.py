@@ -119,7 +119,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds: the drain is sized to about this long, and each live trial measures this long",
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed model steps (median) per setting")
+    parser.add_argument("--steps", type=int, default=30, help="timed model steps (median) per setting")
     parser.add_argument("--warmup", type=int, default=2, help="untimed model steps first")
     parser.add_argument("--baseline-cameras", type=int, default=4, help="cameras in the tutorial's loop")
     parser.add_argument(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -315,7 +317,21 @@ class ThreadedWorker:
             self.loop.call_soon_threadsafe(self.worker.request_stop)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise RuntimeError("the bench worker did not stop in time")
+            frame = sys._current_frames().get(self._thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+            try:  # read from this thread while the loop is stuck: good enough for a diagnosis
+                for task in asyncio.all_tasks(self.loop) if self.loop is not None else ():
+                    stack = task.get_stack(limit=4)
+                    where += (
+                        f"task {task.get_name()}: "
+                        + " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(stack))
+                        + "\n"
+                    )
+            except RuntimeError:
+                pass
+            raise RuntimeError(
+                f"the bench worker did not stop in {timeout:.0f} s; its thread is at:\n{where}"
+            )
         if self.failure:
             raise RuntimeError("the bench worker failed") from self.failure[0]
 
