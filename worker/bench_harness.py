@@ -73,10 +73,8 @@ class Mode:
 
 def mode_of(settings: Settings, backend: Backend) -> Mode:
     """What a `Worker` with these settings steps per camera-frame (the drain checks the real one)."""
-    if settings.temporal == "windows":
-        return Mode("windows", 2, None)
-    window = settings.window or backend.info.clip_frames
-    return Mode(settings.temporal, 1, settings.ema_frames or max(1, window // 2))
+    hold, _ = settings.ema_plan(settings.window or backend.info.clip_frames)
+    return Mode(settings.temporal, 1 if hold else 2, hold)
 
 
 def progress_off(job: BackendJob) -> bool | None:

@@ -216,6 +216,14 @@ class Settings(BaseSettings):
             return key[len(prefix) : len(key) - len(suffix)]
         return None
 
+    def ema_plan(self, window: int) -> tuple[int | None, int | None]:
+        """EMA mode for a model window of `window` slots: (frame count held, slots a pick-up replays);
+        (None, None) in windows mode."""
+        if self.temporal != "ema":
+            return None, None
+        held = self.ema_frames or max(1, window // 2)
+        return held, self.ema_replay_slots or 4 * held
+
     def redacted(self) -> dict[str, Any]:
         data = self.model_dump()
         url = data.get("redis_url")

@@ -17,7 +17,7 @@ import numpy as np
 from schemas.alerts import Alert
 from schemas.messages import DeadLetter, MessageError, Prediction, TopLabel, field_sizes
 from worker.camera import Clock, SlotWork
-from worker.labels import softmax, top_k
+from worker.labels import top_k
 from worker.ownership import PUBLISH
 from worker.runtime import BACKOFF_MAX_SECONDS, BACKOFF_START_SECONDS, REDIS_ERRORS, Camera, WorkerCore, log
 
@@ -29,7 +29,7 @@ class Row:
     work: SlotWork
     window_start_slot: int
     frames: int
-    logits: np.ndarray
+    probs: np.ndarray  # softmax of the logits, computed once for the prediction and the alert rules
     alerts: list[Alert] = dataclasses.field(default_factory=list)
 
 
@@ -44,7 +44,7 @@ def make_prediction(
     worker: str,
     ema_frames: int | None = None,
 ) -> Prediction:
-    top = top_k(softmax(row.logits), labels, k)
+    top = top_k(row.probs, labels, k)
     return Prediction(
         camera=camera,
         slot=row.work.slot,

@@ -54,11 +54,7 @@ class Worker(Intake, Publishing):
         info = backend.info
         self.fps = settings.fps or info.fps
         self.window = settings.window or info.clip_frames
-        self.ema_frames: int | None = None
-        self.ema_replay: int | None = None
-        if settings.temporal == "ema":
-            self.ema_frames = settings.ema_frames or max(1, self.window // 2)
-            self.ema_replay = settings.ema_replay_slots or 4 * self.ema_frames
+        self.ema_frames, self.ema_replay = settings.ema_plan(self.window)
         self.per_slot = 1 if self.ema_frames else 2  # model steps per camera per slot
         self.size = (info.height, info.width)
         self.model_name = Path(info.source).name or info.source
@@ -319,18 +315,19 @@ class Worker(Intake, Publishing):
         self.metrics.batch_size.observe(len(states))
         self.metrics.frames_stepped.inc(len(states))
         rows: list[tuple[Camera, Row]] = []
+        probs = softmax(logits)  # one call for the whole round
         for i, work in enumerate(batch):
             owner = self.cameras.get(work.camera)
             if owner is None or owner.timeline is None or not owner.owned:
                 continue  # lost or dropped while stepping
             chosen = owner.timeline.advance(work.slot, new_states[per * i : per * i + per])
             index = per * i + owner.timeline.windows.index(chosen)
-            row = Row(work, chosen.start_slot, chosen.frames, logits[index])
+            row = Row(work, chosen.start_slot, chosen.frames, probs[index])
             if owner.alerts is not None and (
                 owner.published_slot is None or work.slot > owner.published_slot
             ):
                 start, end = owner.clock.start_ms(work.slot), owner.clock.end_ms(work.slot)
-                row.alerts = owner.alerts.evaluate(work.slot, start, end, softmax(row.logits))
+                row.alerts = owner.alerts.evaluate(work.slot, start, end, row.probs)
             rows.append((owner, row))
         self.metrics.stage_seconds.labels("state").inc(time.perf_counter() - advanced)
         return rows
