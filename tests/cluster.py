@@ -42,6 +42,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 
 from schemas.messages import Frame, Prediction
+from worker.config import key_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -184,16 +185,10 @@ class KeySpace:
         """The worker's key settings as environment variables (templates: braces doubled). In a
         cluster the alerts stream is per camera too (the worker requires it: one shard per camera).
         Settings a worker does not know are ignored by it."""
-        return {
-            "MOVINET_FRAMES_KEY": self.prefix + ":frames:{{{camera}}}",
-            "MOVINET_PREDICTIONS_KEY": self.prefix + ":predictions:{{{camera}}}",
-            "MOVINET_OWNER_KEY": self.prefix + ":owner:{{{camera}}}",
-            "MOVINET_WORKERS_KEY": self.workers,
-            "MOVINET_CONTROL_STREAM": self.control,
-            "MOVINET_DEADLETTER_STREAM": self.deadletter,
-            "MOVINET_ALERTS_KEY": self.prefix + (":alerts:{{{camera}}}" if cluster else ":alerts"),
-            "MOVINET_ALERT_STATE_KEY": self.prefix + ":alertstate:{{{camera}}}",
-        }
+        env = key_env(self.prefix)
+        if cluster:
+            env["MOVINET_ALERTS_KEY"] = self.prefix + ":alerts:{{{camera}}}"
+        return env
 
     def cleanup(self, client: RedisClient) -> int:
         """Delete every key under the prefix (one by one: in a cluster they live on several nodes)."""

@@ -108,6 +108,14 @@ class Scenario:
         self.watcher.start()
         self.publisher.start()
 
+    def start(self, workers: list[str], *, run_for: float = 0.0, timeout: float = 20.0) -> None:
+        """Start the workers, the publisher and the watcher; wait for a balanced split, then `run_for` s."""
+        self.fleet.start_all(workers)
+        self.feed()
+        self.balanced(workers, timeout)
+        if run_for:
+            self.publisher.run_until(run_for)
+
     def balanced(self, workers: list[str], timeout: float = 20.0) -> dict[str, list[str]]:
         return wait_balanced(self.client, self.keys, self.cameras, workers, timeout)
 
@@ -161,10 +169,7 @@ def test_sigkill_one_of_three_workers_loses_duplicates_and_changes_nothing(
             server.client(), server.url, cams, models=models, labels=labels_file, log_dir=tmp_path
         ) as run,
     ):
-        run.fleet.start_all(ids)
-        run.feed()
-        run.balanced(ids)
-        run.publisher.run_until(8)
+        run.start(ids, run_for=8)
         held = run.owned()
         victim = max(ids, key=lambda w: len(held.get(w, [])))
         lost_cameras = held[victim]
@@ -218,10 +223,7 @@ def test_sigterm_one_worker_and_start_another_within_the_grace_period(
             grace_seconds=grace,
         ) as run,
     ):
-        run.fleet.start_all(["w1", "w2", "w3"])
-        run.feed()
-        run.balanced(["w1", "w2", "w3"])
-        run.publisher.run_until(8)
+        run.start(["w1", "w2", "w3"], run_for=8)
         leaving = run.worker("w1")
         termed_at = time.monotonic()
         leaving.sigterm()
@@ -261,10 +263,7 @@ def test_paused_worker_publishes_nothing_for_the_cameras_it_lost(
             server.client(), server.url, cams, models=models, labels=labels_file, log_dir=tmp_path
         ) as run,
     ):
-        run.fleet.start_all(["w1", "w2"])
-        run.feed()
-        run.balanced(["w1", "w2"])
-        run.publisher.run_until(6)
+        run.start(["w1", "w2"], run_for=6)
         held = run.owned()
         paused_id = max(held, key=lambda w: len(held[w]))
         other = "w2" if paused_id == "w1" else "w1"
@@ -309,10 +308,7 @@ def test_redis_connections_cut_workers_reconnect_and_nothing_is_lost(
             server.client(), server.url, cams, models=models, labels=labels_file, log_dir=tmp_path
         ) as run,
     ):
-        run.fleet.start_all(["w1", "w2"])
-        run.feed()
-        run.balanced(["w1", "w2"])
-        run.publisher.run_until(6)
+        run.start(["w1", "w2"], run_for=6)
         cuts = [server.cut_connections()]
         run.publisher.run_until(10)
         cuts.append(server.cut_connections())
@@ -350,10 +346,7 @@ def test_redis_cluster_two_workers_eight_cameras(models: Any, labels_file: Path,
         ) as run:
             nodes = {client.get_node_from_key(run.keys.frames(c)).port for c in cams}
             assert len(nodes) >= 2  # the cameras' keys really are spread over the masters
-            run.fleet.start_all(["w1", "w2"])
-            run.feed()
-            run.balanced(["w1", "w2"], timeout=20)
-            run.publisher.run_until(20)
+            run.start(["w1", "w2"], run_for=20, timeout=20)
             run.finish()
             seen = run.watcher.workers_seen()
             violations = run.watcher.fencing_violations()
@@ -381,10 +374,7 @@ def test_takeover_with_the_default_lease_is_under_15_seconds(
             heartbeat_seconds=None,
         ) as run,
     ):
-        run.fleet.start_all(["w1", "w2"])
-        run.feed()
-        run.balanced(["w1", "w2"], timeout=30)
-        run.publisher.run_until(6)
+        run.start(["w1", "w2"], run_for=6, timeout=30)
         held = run.owned()
         victim = max(held, key=lambda w: len(held[w]))
         survivor = "w2" if victim == "w1" else "w1"

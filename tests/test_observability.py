@@ -272,13 +272,12 @@ def scraped(redis_url: str, models: Any, labels600: list[str], tmp_path_factory:
 
     import numpy as np
 
-    from tests.harness import Harness, settings_for
-    from worker.config import Settings
+    from tests.harness import Harness
+    from worker.config import key_env
     from worker.demo import free_port
     from worker.runner import check
 
     prefix = "t" + uuid.uuid4().hex[:10]
-    settings = settings_for(redis_url, prefix)
     folder = tmp_path_factory.mktemp("observability")
     labels, log = folder / "labels.txt", folder / "worker.log"
     labels.write_text("\n".join(labels600) + "\n")
@@ -291,20 +290,8 @@ def scraped(redis_url: str, models: Any, labels600: list[str], tmp_path_factory:
         "MOVINET_METRICS_PORT": str(port),
         "MOVINET_GRACE_SECONDS": "10",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **key_env(prefix),  # every Redis key the worker writes, private to this test
     }
-    # Every Redis key the worker writes, private to this test (no alert rules are configured).
-    for field in (
-        "frames_key",
-        "predictions_key",
-        "control_stream",
-        "deadletter_stream",
-        "owner_key",
-        "workers_key",
-        "alerts_key",
-        "alert_state_key",
-    ):
-        if field in Settings.model_fields:
-            env["MOVINET_" + field.upper()] = getattr(settings, field)
     h = Harness(redis_url, None, labels600, prefix=prefix)
     with log.open("w") as stderr:  # a file, not a pipe nobody reads while the worker runs
         proc = subprocess.Popen(
@@ -328,7 +315,7 @@ def scraped(redis_url: str, models: Any, labels600: list[str], tmp_path_factory:
             h.publish_rgb("cam", t0 + i * 200, (rng.random((172, 172, 3)) * 255).astype(np.uint8), seq=i)
         h.client.xadd(h.frames_key("cam"), {"v": "1", "camera": "cam", "seq": "9"}, id=f"{t0 + 1000}-0")
         h.wait_for(lambda: len(h.predictions("cam")) == 4, what="predictions")
-        h.wait_for(lambda: h.client.xlen(settings.deadletter_stream) == 1, what="dead letter")
+        h.wait_for(lambda: h.client.xlen(h.settings.deadletter_stream) == 1, what="dead letter")
 
         def page() -> str:
             with urllib.request.urlopen(url, timeout=5) as response:

@@ -265,12 +265,11 @@ def test_run_command_drains_on_sigterm_and_exits_zero(redis_url, models, labels6
 
     import redis as redis_lib
 
-    from tests.harness import settings_for
+    from worker.config import key_env
     from worker.demo import free_port
     from worker.runner import check
 
     prefix = "t" + uuid.uuid4().hex[:10]
-    settings = settings_for(redis_url, prefix)
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(labels600) + "\n")
     port = free_port()
@@ -280,12 +279,7 @@ def test_run_command_drains_on_sigterm_and_exits_zero(redis_url, models, labels6
         "MOVINET_MODEL": str(models.tflite),
         "MOVINET_LABELS": str(labels),
         "MOVINET_METRICS_PORT": str(port),
-        "MOVINET_FRAMES_KEY": settings.frames_key,
-        "MOVINET_PREDICTIONS_KEY": settings.predictions_key,
-        "MOVINET_CONTROL_STREAM": settings.control_stream,
-        "MOVINET_DEADLETTER_STREAM": settings.deadletter_stream,
-        "MOVINET_OWNER_KEY": settings.owner_key,
-        "MOVINET_WORKERS_KEY": settings.workers_key,
+        **key_env(prefix),
         "MOVINET_GRACE_SECONDS": "10",
     }
     client = redis_lib.Redis.from_url(redis_url)

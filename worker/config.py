@@ -251,6 +251,11 @@ def prefixed_keys(prefix: str) -> dict[str, Any]:
     return {name: f"{prefix}:{defaults[name].default}" for name in KEY_FIELDS}
 
 
+def key_env(prefix: str) -> dict[str, str]:
+    """`prefixed_keys` as the environment variables a worker process reads them from."""
+    return {env_name(name): value for name, value in prefixed_keys(prefix).items()}
+
+
 def env_name(field: str) -> str:
     return "REDIS_URL" if field == "redis_url" else f"{ENV_PREFIX}{field.upper()}"
 
