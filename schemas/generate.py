@@ -1,9 +1,12 @@
-"""Write the committed JSON Schema of every message, or check that it still matches the models.
+"""Write the committed JSON Schemas of every message, or check that they still match the models.
 
-Clients in other languages read the JSON files, not the Python, so a model change that is not
-regenerated would silently break them: `--check` (run in CI and by the tests) exits 1 on any drift.
+Two views of each message, both from its pydantic model: `schemas/<name>.schema.json`, the decoded
+message (draft 2020-12; what `tail --json` prints), and, for every stream entry,
+`schemas/wire/<name>.schema.json`, the entry exactly as stored in Redis (`schemas.wire`). Clients in
+other languages read the JSON files, not the Python, so a model change that is not regenerated would
+silently break them: `--check` (run in CI and by the tests) exits 1 on any drift.
 
-    python -m schemas.generate            # rewrite schemas/*.schema.json
+    python -m schemas.generate            # rewrite schemas/*.schema.json and schemas/wire/
     python -m schemas.generate --check    # exit 1, listing the files that differ
 """
 
@@ -21,11 +24,18 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from schemas.alerts import Alert
-from schemas.messages import ControlMessage, DeadLetter, Frame, Prediction, TopLabel
+from schemas.messages import ControlMessage, DeadLetter, Frame, Prediction, StreamMessage, TopLabel
 from schemas.rules import AlertRule
+from schemas.wire import wire_schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SUFFIX = ".schema.json"
+WIRE = "wire"
+DECODED_NOTE = (
+    "The decoded message, as a reader gets it from the entry's fields and `movinet-worker tail --json` "
+    "or `alerts --json` prints it; the entry as stored in Redis is wire/<name>.schema.json. An optional "
+    "field is absent, never null. Integers may reach 2^63-1: parse them as BigInt where numbers are doubles."
+)
 MODELS: dict[str, type[BaseModel]] = {
     "frame": Frame,
     "prediction": Prediction,
@@ -37,8 +47,8 @@ MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-class WireJsonSchema(GenerateJsonSchema):
-    """JSON Schema of the field map: an optional field is absent on the wire, never null."""
+class AbsentNotNull(GenerateJsonSchema):
+    """An optional field is absent, never null: in Redis, in `to_fields` and in `--json` output."""
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
         return self.generate_inner(schema["schema"])
@@ -52,25 +62,39 @@ class WireJsonSchema(GenerateJsonSchema):
         return False
 
 
-def wire_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The committed JSON Schema of a message: draft 2020-12, describing the entry's field map."""
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        **model.model_json_schema(schema_generator=WireJsonSchema),
-    }
+def decoded_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The committed JSON Schema of a decoded message: draft 2020-12."""
+    schema = model.model_json_schema(schema_generator=AbsentNotNull)
+    if issubclass(model, StreamMessage):
+        schema["$comment"] = DECODED_NOTE
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def entry_schema(model: type[StreamMessage]) -> dict[str, Any]:
+    """The committed wire schema of a stream entry: draft-07, refs to #/definitions."""
+    decoded = model.model_json_schema(ref_template="#/definitions/{model}", schema_generator=AbsentNotNull)
+    return wire_schema(model, decoded)
+
+
+def _text(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
 def render(models: Mapping[str, type[BaseModel]] = MODELS) -> dict[str, str]:
-    """File name -> text; fixed formatting so that the committed files diff cleanly."""
-    return {
-        f"{name}{SUFFIX}": json.dumps(wire_schema(model), indent=2, ensure_ascii=False) + "\n"
-        for name, model in models.items()
-    }
+    """Relative file name -> text; fixed formatting so that the committed files diff cleanly.
+
+    Every stream entry (a `StreamMessage`) also gets its wire schema."""
+    files = {f"{name}{SUFFIX}": _text(decoded_schema(model)) for name, model in models.items()}
+    for name, model in models.items():
+        if issubclass(model, StreamMessage):
+            files[f"{WIRE}/{name}{SUFFIX}"] = _text(entry_schema(model))
+    return files
 
 
 def write(directory: Path = SCHEMA_DIR, models: Mapping[str, type[BaseModel]] = MODELS) -> list[Path]:
     """Rewrite every schema file; returns the ones whose content changed."""
     changed = []
+    (directory / WIRE).mkdir(exist_ok=True)
     for name, text in render(models).items():
         path = directory / name
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -89,8 +113,11 @@ def check(directory: Path = SCHEMA_DIR, models: Mapping[str, type[BaseModel]] = 
             problems.append(f"{name}: missing")
         elif path.read_text(encoding="utf-8") != text:
             problems.append(f"{name}: differs from the model")
+    present = [*directory.glob(f"*{SUFFIX}"), *directory.glob(f"{WIRE}/*{SUFFIX}")]
     problems += [
-        f"{p.name}: no model writes it" for p in sorted(directory.glob(f"*{SUFFIX}")) if p.name not in wanted
+        f"{name}: no model writes it"
+        for name in sorted(p.relative_to(directory).as_posix() for p in present)
+        if name not in wanted
     ]
     return problems
 

@@ -3,8 +3,10 @@
 A stream entry is a flat map of field name -> bytes, so each model describes one entry's field map.
 `to_fields` and `from_fields` are the only way in and out of Redis, so every producer and consumer
 agrees on one wire encoding, and `from_fields` turns anything malformed into a `MessageError` whose
-`reason` can label a metric and a dead letter. The JSON Schema committed next to this file
-(`python -m schemas.generate`) is what a client in another language writes from.
+`reason` can label a metric and a dead letter. Two JSON Schemas of each are generated from these models
+and committed (`python -m schemas.generate`): `schemas/wire/` the entry as stored in Redis (what a client
+in another language validates an XRANGE reply with, and what `schemas/asyncapi.yaml` refers to), and
+`schemas/*.schema.json` the decoded message (what `tail --json` prints).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ CAMERA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # Redis entry IDs are two unsigned 64-bit numbers; int64 is what every client language can hold.
 MAX_INT = 2**63 - 1
 MAX_DETAIL_CHARS = 4096
-# Every `MessageError.reason`: the first five from `from_fields`, the rest from `worker.codec`.
+# Every `MessageError.reason`: the first five from `from_fields`, then `worker.pipeline.codec`'s, then
+# the worker's checks of entry IDs, times and control messages (`worker.pipeline.reading`,
+# `worker.pipeline.worker`).
 REASONS = (
     "missing_field",
     "unknown_field",
@@ -36,12 +40,11 @@ REASONS = (
     "wrong_size",
     "too_large",
     "wrong_camera",
-)
-WIRE_NOTE = (
-    "Redis stream entry field map: every value travels as bytes. Integers and numbers are decimal "
-    "ASCII text ('42', '5.0'), booleans are '0' or '1', fields marked contentMediaType application/json "
-    "are compact UTF-8 JSON text, and binary fields are raw bytes. An optional field is absent, never "
-    "empty or null."
+    "bad_entry_id",
+    "clock_ahead",
+    "bad_capture_time",
+    "unknown_label",
+    "unprocessable",
 )
 
 
@@ -68,16 +71,20 @@ def _clip(value: Any) -> Any:
     return value[:MAX_DETAIL_CHARS] if isinstance(value, str) else value
 
 
-def _json_text(schema: dict[str, Any]) -> None:
-    """Field-level schema hook: the value is JSON text on the wire, whose content has this schema."""
-    content = {k: schema.pop(k) for k in list(schema) if k not in ("title", "description")}
-    schema.update(type="string", contentMediaType="application/json", contentSchema=content)
-
-
-def _message_schema_extra(schema: dict[str, Any]) -> None:
-    schema["$comment"] = WIRE_NOTE
+def _message_schema_extra(schema: dict[str, Any], model: type[BaseModel]) -> None:
     schema["properties"]["v"].pop("default", None)  # required on the wire, default only in Python
-    schema["required"] = ["v", *[r for r in schema.get("required", []) if r != "v"]]
+    written: frozenset[str] = getattr(model, "ALWAYS_WRITTEN", frozenset())
+    required = [r for r in schema.get("required", []) if r != "v"]
+    schema["required"] = ["v", *required, *sorted(written - set(required))]
+    rules = getattr(model, "SCHEMA_RULES", ())
+    if rules:
+        schema["allOf"] = list(rules)
+
+
+def _base64_in_json(schema: dict[str, Any]) -> None:
+    """Decoded JSON has no bytes: Frame dumps them as base64 (`ser_json_bytes`)."""
+    schema.pop("format", None)
+    schema["contentEncoding"] = "base64"
 
 
 WireBool = Annotated[bool, BeforeValidator(_wire_bool)]
@@ -93,6 +100,10 @@ class StreamMessage(BaseModel):
     # Fields sent as raw bytes (never decoded as text) and fields sent as JSON text.
     BYTES_FIELDS: ClassVar[frozenset[str]] = frozenset()
     JSON_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Fields with a Python default that the worker nevertheless always writes: required in the schemas.
+    ALWAYS_WRITTEN: ClassVar[frozenset[str]] = frozenset()
+    # Cross-field rules of the model validators, as JSON Schema conditions on string fields.
+    SCHEMA_RULES: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     v: Literal[1] = Field(
         default=SCHEMA_VERSION,
@@ -138,7 +149,7 @@ class StreamMessage(BaseModel):
             if name in cls.JSON_FIELDS:
                 try:
                     data[name] = json.loads(data[name])
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:  # RecursionError: '[' nested 100,000 deep
                     raise MessageError("bad_type", f"{name}: not JSON text ({exc})") from None
         data["v"] = SCHEMA_VERSION
         try:
@@ -186,7 +197,14 @@ class Frame(StreamMessage):
     explicit entry IDs from it.
     """
 
+    model_config = ConfigDict(ser_json_bytes="base64")
     BYTES_FIELDS = frozenset({"data"})
+    SCHEMA_RULES = (
+        {
+            "if": {"properties": {"encoding": {"const": "rgb24"}}, "required": ["encoding"]},
+            "then": {"required": ["width", "height"]},
+        },
+    )
 
     camera: CameraId = Field(description="Camera ID; must match the camera in the stream key.")
     seq: int = Field(ge=0, le=MAX_INT, description="The publisher's frame counter, for gaps and logs.")
@@ -205,7 +223,12 @@ class Frame(StreamMessage):
     height: int | None = Field(
         default=None, ge=1, le=8192, description="Image height in pixels; required for rgb24."
     )
-    data: bytes = Field(min_length=1, repr=False, description="The image bytes, raw (binary field).")
+    data: bytes = Field(
+        min_length=1,
+        repr=False,
+        json_schema_extra=_base64_in_json,
+        description="The image bytes: raw in Redis, base64 in JSON.",
+    )
 
     @model_validator(mode="after")
     def _raw_needs_size(self) -> Self:
@@ -232,6 +255,7 @@ class Prediction(StreamMessage):
     """
 
     JSON_FIELDS = frozenset({"top"})
+    ALWAYS_WRITTEN = frozenset({"temporal"})  # its default reads entries from before it existed
 
     camera: CameraId = Field(description="Camera ID.")
     slot: int = Field(
@@ -268,8 +292,7 @@ class Prediction(StreamMessage):
     top: list[TopLabel] = Field(
         min_length=1,
         max_length=600,
-        json_schema_extra=_json_text,
-        description="The top labels, highest score first, as compact JSON text.",
+        description="The top labels, highest score first (compact JSON text in Redis).",
     )
 
     @model_validator(mode="after")
@@ -288,8 +311,10 @@ class ControlMessage(StreamMessage):
     JSON_FIELDS = frozenset({"rules"})
 
     camera: CameraId = Field(description="Camera ID.")
-    action: Literal["subscribe", "unsubscribe"] = Field(
-        description="subscribe: start (or reconfigure) predictions for the camera; unsubscribe: stop."
+    action: Literal["subscribe", "unsubscribe", "announce"] = Field(
+        description="subscribe: start (or reconfigure) predictions for the camera; unsubscribe: stop; "
+        "announce: a publisher started sending frames for a new camera, serve it now (as discovery "
+        "would, later) unless it was unsubscribed; fps, top_k and rules are ignored."
     )
     fps: float | None = Field(
         default=None,
@@ -304,8 +329,7 @@ class ControlMessage(StreamMessage):
     rules: list[AlertRule] | None = Field(
         default=None,
         max_length=100,
-        json_schema_extra=_json_text,
-        description="Alert rules for this camera, replacing the worker's defaults (JSON text).",
+        description="Alert rules for this camera, replacing the worker's defaults (JSON text in Redis).",
     )
 
 
@@ -333,8 +357,8 @@ class DeadLetter(StreamMessage):
     at_ms: Millis = Field(description="When it was rejected, ms since the Unix epoch.")
     fields: dict[str, Annotated[int, Field(ge=0, le=MAX_INT)]] = Field(
         max_length=1000,
-        json_schema_extra=_json_text,
-        description="The original entry's field names, each with its value's size in bytes, as JSON text.",
+        description="The original entry's field names, each with its value's size in bytes "
+        "(JSON text in Redis).",
     )
 
 

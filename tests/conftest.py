@@ -42,7 +42,8 @@ def run_cli(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"movinet-worker {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+            f"movinet-worker {' '.join(args)} exited {proc.returncode}:\n"
+            f"stdout (end):\n{proc.stdout[-3000:]}\nstderr (end):\n{proc.stderr[-3000:]}"
         )
     return proc
 
@@ -100,7 +101,7 @@ def models() -> Models:
     """Exported once per cache key (minutes), then reused by every test and later sessions."""
     import tensorflow as tf
 
-    code = (ROOT / "worker" / "export.py").read_bytes()
+    code = (ROOT / "worker" / "model" / "export.py").read_bytes()
     key = hashlib.sha256(code + f"{EXPORT_RECIPE}-{tf.__version__}".encode()).hexdigest()[:12]
     root = _cache_root() / key
     root.mkdir(parents=True, exist_ok=True)
@@ -121,23 +122,23 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session")
 def tf_backend(models: Models):  # type: ignore[no-untyped-def]
-    from worker.backends import load_stream_model
+    from worker.model.backends import load_stream_model
 
     return load_stream_model(str(models.stream), "tfhub")
 
 
 @pytest.fixture(scope="session")
 def base_model(models: Models):  # type: ignore[no-untyped-def]
-    from worker.backends import load_model
+    from worker.model.backends import load_model
 
     return load_model(str(models.base), "tfhub")
 
 
 @pytest.fixture(scope="session")
 def lite_backend(models: Models):  # type: ignore[no-untyped-def]
-    from worker.backends import load_stream_model
+    from worker.model.backends import LiteRTOptions, load_stream_model
 
-    backend = load_stream_model(str(models.tflite), "litert", interpreters=2)
+    backend = load_stream_model(str(models.tflite), "litert", LiteRTOptions(interpreters=2))
     yield backend
     backend.close()
 
@@ -154,7 +155,7 @@ def redis_url() -> Iterator[str]:
         return
     except redis.RedisError:
         pass
-    from worker.demo import local_redis
+    from worker.testing import local_redis
 
     with local_redis() as private:
         yield private
@@ -162,7 +163,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def real_backend(assets: Path):  # type: ignore[no-untyped-def]
-    from worker.backends import load_stream_model
+    from worker.model.backends import load_stream_model
 
     backend = load_stream_model(str(assets / "movinet_int8.tflite"), "litert")
     yield backend
@@ -202,3 +203,33 @@ def harnesses() -> Iterator[list[Any]]:
         if h._thread is not None and h._thread.is_alive():
             h.kill()
         h.cleanup()
+
+
+# ---- deploy tests (tests/test_deploy_*.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_file(request: pytest.FixtureRequest) -> Path:
+    """A LiteRT stream model: the real int8 A0 when the shared assets exist, else the test export."""
+    real = ASSETS / "movinet_int8.tflite"
+    if real.is_file():
+        return real
+    return Path(request.getfixturevalue("models").tflite)
+
+
+@pytest.fixture(scope="session")
+def labels_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    real = ASSETS / "kinetics600_label_map.txt"
+    if real.is_file():
+        return real
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("".join(f"class {i}\n" for i in range(600)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Every deploy/k8s target rendered by kustomize: name -> objects."""
+    from tests.support.deploy import render_targets
+
+    return render_targets(tmp_path_factory.mktemp("kustomize"))

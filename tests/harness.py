@@ -14,8 +14,27 @@ import redis.asyncio as aioredis
 
 from schemas.messages import Frame, Prediction
 from worker.config import Settings, prefixed_keys
-from worker.metrics import Metrics
-from worker.service import Worker
+from worker.pipeline.metrics import Metrics
+from worker.pipeline.worker import Worker
+
+
+class StepHook:
+    """A real backend whose `step` first calls `before(call number)`: a slow or failing model, made
+    from outside the worker. `close` is left to the session fixture that owns the real backend."""
+
+    def __init__(self, inner: Any, before: Any) -> None:
+        self.inner, self.before, self.calls = inner, before, 0
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.before(self.calls)
+        return self.inner.step(*args, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:  # info, init_state, export_state...: the real backend's
+        return getattr(self.inner, name)
 
 
 def settings_for(redis_url: str, prefix: str, **overrides: Any) -> Settings:
@@ -26,6 +45,9 @@ def settings_for(redis_url: str, prefix: str, **overrides: Any) -> Settings:
         "block_ms": 20,
         "discover_interval_seconds": 0.1,
         "worker_id": "test-" + uuid.uuid4().hex[:6],
+        # Never shed: these workers replay backlogs (busy all the time by construction) on a shared
+        # machine; shedding is tested where it is the subject (test_overload, tests of Capacity).
+        "target_load": 1.0,
     }
     values.update(overrides)
     return Settings(**values)

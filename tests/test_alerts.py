@@ -9,7 +9,7 @@ import pytest
 
 from schemas.alerts import Alert
 from schemas.rules import AlertRule
-from worker.alerting import AlertTracker
+from worker.pipeline.alerting import AlertTracker
 
 LABELS = ["jumping jacks", "zumba", "yoga"]
 SLOT_MS = 200
@@ -105,7 +105,7 @@ def test_a_gap_counts_as_slots_below() -> None:
 
 def test_real_model_one_alert_per_activity(harnesses, redis_url, real_backend, assets: Path) -> None:  # type: ignore[no-untyped-def]
     from tests.test_worker import new
-    from worker.publisher import publish
+    from worker.tools.publish import publish
 
     labels = (assets / "kinetics600_label_map.txt").read_text().splitlines()
     rules = [
@@ -185,3 +185,77 @@ def test_alerts_command_prints_events(r) -> None:  # type: ignore[no-untyped-def
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("OPEN") and lines[1].startswith("CLOSE")
     assert "jumping jacks" in lines[1] and "peak 0.950" in lines[1] and "door" not in proc.stdout
+
+
+def test_open_alert_series_live_on_the_camera_owner_only(  # type: ignore[no-untyped-def]
+    harnesses, redis_url, real_backend, assets: Path
+) -> None:
+    """`movinet_action_alert_*{camera, rule, label}` exist while the alert is open, on the worker that
+    owns the camera: gone from one that hands it over (SIGTERM drain), back on the one that takes it
+    (from the stored alert state, the same alert), and gone when it closes there."""
+    from tests.test_worker import new
+    from worker.tools.publish import publish
+
+    labels = (assets / "kinetics600_label_map.txt").read_text().splitlines()
+    rules = [AlertRule(name="jumping", labels=("jumping jacks",), threshold=0.8, open_after=3, close_after=3)]
+    first = new(harnesses, redis_url, real_backend, labels, alert_rules=rules, idle_timeout_seconds=60)
+    first.start()
+    for _ in range(4):
+        stats = publish(
+            first.client,
+            str(assets / "videos" / "jumpingjack.gif"),
+            "gym",
+            key=first.frames_key("gym"),
+            fps=5.0,
+            size=(172, 172),
+            realtime=False,
+            progress=False,
+        )
+    last_slot = int(stats.last_id.split("-")[0]) // 200
+    first.wait_for(lambda: any(p.slot == last_slot for _, p in first.predictions("gym")), what="predictions")
+    opened = Alert.from_fields(first.client.xrange(first.settings.alerts_stream("gym"))[0][1])
+    assert opened.event == "open" and opened.label == "jumping jacks"
+    series = {"camera": "gym", "rule": "jumping", "label": "jumping jacks"}
+
+    def sample(h, name: str) -> float | None:  # type: ignore[no-untyped-def]
+        value: float | None = h.metrics.registry.get_sample_value(name, series)
+        return value
+
+    # Still open (the camera is not idle yet): the owner has the series, the peak as last published.
+    events = [Alert.from_fields(f) for _, f in first.client.xrange(first.settings.alerts_stream("gym"))]
+    assert [e.event for e in events if e.event != "update"] == ["open"]
+    assert sample(first, "movinet_action_alert_peak_score") == pytest.approx(events[-1].peak_score)
+    assert sample(first, "movinet_action_alert_start_timestamp_seconds") == opened.start_ms / 1000
+    first.stop()  # drain: checkpoint, release, leave
+    assert sample(first, "movinet_action_alert_peak_score") is None
+    assert sample(first, "movinet_action_alert_start_timestamp_seconds") is None
+
+    second = new(
+        harnesses,
+        redis_url,
+        real_backend,
+        labels,
+        prefix=first.prefix,
+        alert_rules=rules,
+        idle_timeout_seconds=5,
+    )
+    second.start()
+    second.wait_for(
+        lambda: sample(second, "movinet_action_alert_start_timestamp_seconds") is not None,
+        timeout=20,
+        what="the open alert's series on the new owner",
+    )
+    assert sample(second, "movinet_action_alert_start_timestamp_seconds") == opened.start_ms / 1000
+    assert sample(second, "movinet_action_alert_peak_score") == pytest.approx(events[-1].peak_score)
+
+    def closed() -> list[Alert]:
+        stored = [Alert.from_fields(f) for _, f in second.client.xrange(second.settings.alerts_stream("gym"))]
+        return [e for e in stored if e.event == "close"]
+
+    second.wait_for(closed, timeout=30, what="the close once the camera is idle")
+    assert closed()[0].alert_id == opened.alert_id and closed()[0].worker == second.settings.worker_id
+    second.wait_for(
+        lambda: sample(second, "movinet_action_alert_peak_score") is None, timeout=5, what="series removed"
+    )
+    assert sample(second, "movinet_action_alert_start_timestamp_seconds") is None
+    second.stop()

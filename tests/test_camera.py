@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.camera import CameraTimeline, Clock
+from worker.pipeline.timeline import CameraTimeline, Clock
 
 W, GAP = 6, 2
 

@@ -93,8 +93,8 @@ def test_offline_hub_handle_error_names_the_handle_and_the_fix(tmp_path: Path, a
 
 
 def test_missing_labels_offline_say_what_to_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.backends import ModelLoadError
-    from worker.labels import load_labels
+    from worker.model.backends import ModelLoadError
+    from worker.model.labels import load_labels
 
     monkeypatch.setenv("MOVINET_CACHE_DIR", str(tmp_path))
     with pytest.raises(ModelLoadError, match="Pass --labels PATH"):
@@ -105,7 +105,7 @@ def test_labels_are_cached_after_one_fetch(tmp_path: Path, monkeypatch: pytest.M
     import http.server
     import threading
 
-    from worker.labels import load_labels
+    from worker.model.labels import load_labels
 
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "labels.txt").write_text("a\nb\n\nc\n")

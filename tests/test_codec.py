@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from schemas import Frame, MessageError
-from worker.codec import decode_image, encode_jpeg, resize
+from worker.pipeline.codec import decode_image, encode_jpeg, resize
 
 
 def _image(height: int, width: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.test_worker import T0, new
-from worker.labels import softmax
+from worker.model.labels import softmax
 
 TOL = 1e-4
 
@@ -199,11 +199,15 @@ def test_worker_ema_predictions_follow_the_definition_across_gaps_and_a_restart(
     before = {cam: max(s for s in images[cam] if s < split[cam]) for cam in plan}
     first.wait_for(lambda: reached(first, before), what="the first worker's predictions")
     first.stop()
+    for cam in plan:  # the replay a camera falls back to without a checkpoint (test_checkpoint: with)
+        assert first.client.delete(first.settings.checkpoint(cam)) == 1
     second = new(harnesses, redis_url, lite_backend, labels600, prefix=first.prefix, **settings)
     publish(second, True)
     second.start()
     second.wait_for(lambda: reached(second, {cam: max(images[cam]) for cam in plan}), what="all predictions")
     second.stop()
+    fallback = {"result": "none"}
+    assert second.metrics.registry.get_sample_value("movinet_checkpoint_resumes_total", fallback) == 2
 
     checked = rebuilt = 0
     for cam in plan:

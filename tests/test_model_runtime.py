@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.backends.base import Backend
+from worker.model.backends.base import Backend
 
 TOL = 1e-4
 
@@ -81,9 +81,9 @@ def test_cameras_with_different_frame_counts_are_grouped_not_mixed(tf_backend) -
 
 
 def test_padding_to_a_bucket_does_not_change_results(models) -> None:
-    from worker.backends import load_stream_model
+    from worker.model.backends import TFHubOptions, load_stream_model
 
-    padded = load_stream_model(str(models.stream), "tfhub", batch_sizes=(4,))
+    padded = load_stream_model(str(models.stream), "tfhub", TFHubOptions((4,)))
     cams = clips(3, 2, seed=5)
     states = [padded.init_state()] * 3
     for t in range(2):
@@ -102,9 +102,9 @@ def test_tf_and_litert_agree_over_ten_frames(tf_backend, lite_backend) -> None:
 
 
 def test_litert_parallel_interpreters_equal_sequential(models, lite_backend) -> None:
-    from worker.backends import load_stream_model
+    from worker.model.backends import LiteRTOptions, load_stream_model
 
-    single = load_stream_model(str(models.tflite), "litert", interpreters=1)
+    single = load_stream_model(str(models.tflite), "litert", LiteRTOptions(interpreters=1))
     cams = clips(5, 3, seed=8)
     par = [lite_backend.init_state()] * 5
     seq = [single.init_state()] * 5
@@ -123,7 +123,19 @@ def test_step_rejects_wrong_frame_shape(tf_backend, lite_backend) -> None:
 
 
 def test_a_base_model_is_not_accepted_as_a_stream_model(models) -> None:
-    from worker.backends import ModelLoadError, load_stream_model
+    from worker.model.backends import ModelLoadError, load_stream_model
 
     with pytest.raises(ModelLoadError, match="base model"):
         load_stream_model(str(models.base))
+
+
+def test_each_backend_takes_its_own_typed_options() -> None:
+    from worker.config import Settings
+    from worker.model.backends import LiteRTOptions, TFHubOptions, load_model, options_for
+
+    settings = Settings(model="m.tflite", interpreters=3, threads=2, batch_sizes=[1, 8])
+    assert options_for("m.tflite", "auto", settings) == LiteRTOptions(interpreters=3, threads=2)
+    assert options_for("a0_stream", "auto", settings) == TFHubOptions(batch_sizes=(1, 8))
+    assert options_for("m.tflite", "tfhub", settings) == TFHubOptions(batch_sizes=(1, 8))
+    with pytest.raises(TypeError, match="TFHubOptions given for the litert backend"):
+        load_model("m.tflite", "auto", TFHubOptions())

@@ -1,7 +1,7 @@
 """Prometheus rules and the Grafana dashboard: promtool checks, and every metric they name is exported.
 
 The names are checked against a real `movinet-worker run` process's /metrics, not against
-worker/metrics.py, so a renamed or removed metric fails here rather than as an empty panel or an
+worker/pipeline/metrics.py, so a renamed or removed metric fails here rather than as an empty panel or an
 alert that can never fire.
 """
 
@@ -31,7 +31,7 @@ DASHBOARD_MUST_SHOW = {
     "movinet_predictions_published_total",
     "movinet_capture_to_publish_seconds",
     "movinet_input_lag_seconds",
-    "movinet_input_lag_seconds_sum",
+    "movinet_worker_input_lag_seconds",
     "movinet_batch_size",
     "movinet_model_step_seconds",
     "movinet_cameras_owned",
@@ -44,6 +44,8 @@ DASHBOARD_MUST_SHOW = {
     "movinet_alerts_active",
     "movinet_alerts_opened_total",
     "movinet_alerts_closed_total",
+    "movinet_action_alert_peak_score",
+    "movinet_action_alert_start_timestamp_seconds",
 }
 
 
@@ -76,6 +78,7 @@ class Exposition:
     """A /metrics page: sample names, and families from `# HELP` / `# TYPE` lines with their types."""
 
     def __init__(self, text: str) -> None:
+        self.text = text
         self.samples: set[str] = set()
         self.types: dict[str, str] = {}
         self.helped: set[str] = set()
@@ -92,9 +95,9 @@ class Exposition:
         """Is `name` a series this target can have: a sample, a declared family, or a histogram's part?
 
         A labelled family with no child yet (e.g. alerts by rule before any alert) has no sample but
-        is declared by its HELP and TYPE lines. `movinet_input_lag_seconds_sum` is a gauge of its own,
-        found directly; `_bucket/_sum/_count` are only accepted on a family declared a histogram
-        (`_sum/_count` also on a summary), never on a gauge or counter that happens to share the stem.
+        is declared by its HELP and TYPE lines. `_bucket/_sum/_count` are only accepted on a family
+        declared a histogram (`_sum/_count` also on a summary), never on a gauge or counter that
+        happens to share the stem.
         """
         if name in self.samples or name in self.types:
             return True
@@ -274,8 +277,8 @@ def scraped(redis_url: str, models: Any, labels600: list[str], tmp_path_factory:
 
     from tests.harness import Harness
     from worker.config import key_env
-    from worker.demo import free_port
     from worker.runner import check
+    from worker.testing import free_port
 
     prefix = "t" + uuid.uuid4().hex[:10]
     folder = tmp_path_factory.mktemp("observability")
@@ -347,6 +350,22 @@ def test_a_running_worker_declares_labelled_families_before_their_first_sample(s
     # And labelled families that did see events have their series.
     assert "movinet_input_lag_seconds" in scraped.samples
     assert "movinet_frames_deadlettered_total" in scraped.samples
+
+
+def test_promtool_checks_a_live_scrape(scraped: Exposition, promtool: str) -> None:
+    """Prometheus' own lint of the exposition: no gauge with a histogram's reserved suffix, etc."""
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=scraped.text, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, f"promtool check metrics:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_every_labelled_counter_starts_at_zero_for_every_known_label(scraped: Exposition) -> None:
+    from schemas.messages import REASONS
+
+    for reason in REASONS:
+        line = f'movinet_frames_deadlettered_total{{reason="{reason}"}} '
+        assert line in scraped.text, f"no {line.strip()} series"
 
 
 def test_every_metric_in_the_rules_is_exported_by_a_running_worker(scraped: Exposition) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from schemas.alerts import Alert
 from schemas.messages import Prediction, TopLabel
-from worker.plot import (
+from worker.tools.plot import (
     add_plot_arguments,
     alert_spans,
     build_figure,
@@ -21,7 +21,7 @@ from worker.plot import (
     plot_predictions,
     score_series,
 )
-from worker.render import RenderError, add_render_arguments, cmd_render, display_size, render
+from worker.tools.render import RenderError, add_render_arguments, cmd_render, display_size, render
 
 T0 = 1_714_564_800_000  # 2024-05-01T12:00:00Z
 SLOT = 200
@@ -170,7 +170,7 @@ def test_plot_command_reads_redis_with_key_templates(r: tuple[Any, str], tmp_pat
     keys = ["--predictions-key", prefix + ":predictions:{{{camera}}}", "--alerts-key", f"{prefix}:alerts"]
     out = tmp_path / "cam1.png"
     args = parser.parse_args(
-        ["--camera", "cam1", "--since", "8s", "--out", str(out), "--size", "800x400", *keys]
+        ["--camera", "cam1", "--since", "8s", "--out", str(out), "--size", "400x800", *keys]
     )
     assert cmd_plot(args) == 0
     said = capsys.readouterr().out
@@ -270,7 +270,7 @@ def test_render_refuses_an_unknown_format(models: Any, labels600: list[str], tmp
 def test_mp4_writer_falls_back_to_mpeg4(monkeypatch: Any, tmp_path: Path, h264: bool) -> None:
     import av
 
-    from worker import render as render_module
+    from worker.tools import render as render_module
 
     if not h264:
         monkeypatch.setattr(render_module, "_has_encoder", lambda name: False)

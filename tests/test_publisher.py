@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from schemas import Frame
-from worker.codec import decode_image
-from worker.publisher import add_publish_arguments, cmd_publish, publish
+from schemas.messages import ControlMessage
+from worker.pipeline.codec import decode_image
+from worker.tools.publish import add_publish_arguments, cmd_publish, publish
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +126,39 @@ def test_maxlen_trims(r: tuple[redis.Redis, str], clip: Path) -> None:
     assert 10 <= client.xlen(key) < 300  # approximate: whole nodes of entries are dropped
 
 
+def test_retention_trims_by_age_as_the_worker_does(r: tuple[redis.Redis, str], clip: Path) -> None:
+    client, prefix = r
+    kept, untrimmed = f"{prefix}:frames:kept", f"{prefix}:frames:all"
+    # 600 frames at 25 fps (24 s of media time, explicit IDs): a 2 s retention keeps about the last 2 s.
+    for key, retention in ((kept, 2.0), (untrimmed, 0.0)):
+        publish(
+            client, str(clip), "c", key=key, size=(8, 8), loop=True, limit=600, retention_seconds=retention
+        )
+    assert client.xlen(untrimmed) == 600
+    oldest = int(client.xrange(kept, count=1)[0][0].split(b"-")[0])
+    newest = int(client.xrevrange(kept, count=1)[0][0].split(b"-")[0])
+    assert newest - oldest >= 2000 - 40  # never more than asked: every entry within 2 s of the newest stays
+    assert 50 <= client.xlen(kept) < 300  # approximate: whole nodes (100 entries) go at once
+
+
 def test_cli(r: tuple[redis.Redis, str], clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     client, prefix = r
     parser = argparse.ArgumentParser()
     add_publish_arguments(parser)
     template = f"{prefix}:frames:{{{{{{camera}}}}}}"
-    args = parser.parse_args(
-        [str(clip), "--camera", "cam-7", "--fps", "10", "--key-template", template, "--no-progress"]
-    )
-    assert args.size == (172, 172) and args.realtime is None and not args.loop
+    control = f"{prefix}:cameras"
+    argv = [str(clip), "--camera", "cam-7", "--fps", "10", "--key-template", template, "--no-progress"]
+    args = parser.parse_args([*argv, "--control-stream", control])
+    assert args.size == (172, 172) and args.realtime is None and not args.loop and args.announce
     assert cmd_publish(args) == 0
     key = f"{prefix}:frames:{{cam-7}}"
     assert client.xlen(key) == 4  # 0.36 s at 10 fps
+    # A new camera is announced once; a camera whose stream exists is not.
+    ((_, fields),) = client.xrange(control)
+    assert ControlMessage.from_fields(fields) == ControlMessage(camera="cam-7", action="announce")
+    capsys.readouterr()
+    assert cmd_publish(parser.parse_args([*argv, "--control-stream", control])) == 0
+    assert client.xlen(control) == 1 and client.xlen(key) == 8
     out = capsys.readouterr().out
     assert out.startswith("published 4 frames") and f"to {key} " in out
     missing = parser.parse_args([str(clip) + ".nope", "--camera", "c", "--key-template", template])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,8 @@ from schemas import (
     field_sizes,
 )
 from schemas.generate import MODELS, SCHEMA_DIR, check, render, write
+from schemas.wire import int_pattern
+from tests.contract import wire, wire_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +87,8 @@ def test_committed_schemas_match_the_models() -> None:
         [sys.executable, "-m", "schemas.generate", "--check"], cwd=ROOT, capture_output=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in SCHEMA_DIR.glob("*.schema.json")) == sorted(render())
+    committed = [*SCHEMA_DIR.glob("*.schema.json"), *SCHEMA_DIR.glob("wire/*.schema.json")]
+    assert sorted(p.relative_to(SCHEMA_DIR).as_posix() for p in committed) == sorted(render())
 
 
 def test_check_fails_when_a_model_changes(tmp_path: Path) -> None:
@@ -95,9 +100,13 @@ def test_check_fails_when_a_model_changes(tmp_path: Path) -> None:
 
         exposure_us: int | None = Field(default=None, ge=0, description="A new field.")
 
-    assert check(tmp_path, {**MODELS, "frame": ChangedFrame}) == ["frame.schema.json: differs from the model"]
+    assert check(tmp_path, {**MODELS, "frame": ChangedFrame}) == [
+        "frame.schema.json: differs from the model",
+        "wire/frame.schema.json: differs from the model",
+    ]
     (tmp_path / "prediction.schema.json").write_text("{}\n")
     (tmp_path / "old.schema.json").write_text("{}\n")
+    (tmp_path / "wire" / "old.schema.json").write_text("{}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "schemas.generate", "--check", "--dir", str(tmp_path)],
         cwd=ROOT,
@@ -107,14 +116,15 @@ def test_check_fails_when_a_model_changes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "prediction.schema.json: differs" in proc.stderr and "old.schema.json: no model" in proc.stderr
+    assert "wire/old.schema.json: no model" in proc.stderr
     assert "frame.schema.json" not in proc.stderr
 
 
-def test_schema_describes_the_field_map() -> None:
+def test_decoded_schema_describes_the_message() -> None:
     schema = json.loads((SCHEMA_DIR / "prediction.schema.json").read_text())
     assert schema["required"][0] == "v" and schema["additionalProperties"] is False
-    assert schema["properties"]["top"]["type"] == "string"  # JSON text on the wire
-    assert schema["properties"]["top"]["contentSchema"]["items"] == {"$ref": "#/$defs/TopLabel"}
+    assert schema["properties"]["top"]["items"] == {"$ref": "#/$defs/TopLabel"}  # decoded: an array
+    assert "temporal" in schema["required"]  # the worker always writes it
     frame = json.loads((SCHEMA_DIR / "frame.schema.json").read_text())
     assert frame["properties"]["capture_ms"] == {
         "description": Frame.model_fields["capture_ms"].description,
@@ -129,23 +139,51 @@ def test_schema_describes_the_field_map() -> None:
         assert all(p.get("description") for p in schema["properties"].values()), name
 
 
+def test_wire_schema_describes_the_entry_as_stored() -> None:
+    for name, model in MODELS.items():
+        if not issubclass(model, StreamMessage):
+            continue
+        schema = wire(name)
+        assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+        assert schema["additionalProperties"] is False and schema["required"][0] == "v"
+        assert all(p["type"] == "string" and p["description"] for p in schema["properties"].values()), name
+    prediction = wire("prediction")["properties"]
+    assert prediction["v"]["const"] == "1" and prediction["repeated"]["enum"] == ["0", "1"]
+    assert prediction["top"]["contentMediaType"] == "application/json"
+    assert prediction["top"]["contentSchema"]["items"] == {"$ref": "#/definitions/TopLabel"}
+    assert wire("frame")["properties"]["data"]["contentEncoding"] == "binary"
+    assert wire("control_message")["properties"]["rules"]["contentSchema"]["items"] == {
+        "$ref": "#/definitions/AlertRule"
+    }
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 9), (1, 600), (1, 8192), (0, 1000), (7, 7), (37, 12_345)])
+def test_int_pattern_matches_exactly_the_range(lo: int, hi: int) -> None:
+    pattern = re.compile(int_pattern(lo, hi))
+    assert [n for n in range(2 * hi + 20) if pattern.match(str(n))] == list(range(lo, hi + 1))
+    assert not any(pattern.match(t) for t in (f"0{lo}", f"+{lo}", f"-{lo}", f" {lo}", f"{lo}.0", ""))
+
+
+def test_int64_pattern_bounds() -> None:
+    pattern = re.compile(int_pattern(0, 2**63 - 1))
+    rng = random.Random(5)
+    edges = [2**63 - 1, 2**63, 2**63 - 2, 10**18, 10**19, 2**64 - 1]
+    for n in [*edges, *(rng.randrange(2**64) for _ in range(20_000))]:
+        assert bool(pattern.match(str(n))) == (n < 2**63), n
+
+
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
-def test_samples_are_valid_against_the_committed_schema(message: StreamMessage) -> None:
+def test_samples_are_valid_against_the_committed_schemas(message: StreamMessage) -> None:
     import jsonschema
 
     name = next(n for n, m in MODELS.items() if m is type(message))
-    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-    document: dict[str, Any] = message.model_dump(
-        mode="json", exclude_none=True, exclude=set(message.BYTES_FIELDS)
-    )
-    fields = message.to_fields()
-    for key in message.JSON_FIELDS & fields.keys():  # optional JSON fields may be absent
-        document[key] = fields[key]
-    for key in message.BYTES_FIELDS:  # a JSON document has no bytes: any string stands for them
-        document[key] = bytes(fields[key]).decode("latin-1")  # type: ignore[arg-type]
-    jsonschema.validate(document, schema)
+    decoded = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    document = json.loads(message.model_dump_json(exclude_none=True))  # what `tail --json` prints
+    jsonschema.validate(document, decoded)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**document, "surprise": 1}, schema)
+        jsonschema.validate({**document, "surprise": 1}, decoded)
+    assert wire_errors(wire(name), _wire(message)) == []
+    assert wire_errors(wire(name), {**_wire(message), "surprise": "1"}) != []
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
@@ -157,6 +195,8 @@ def test_round_trip_through_redis(message: StreamMessage, r: tuple[redis.Redis, 
     [(_, stored)] = client.xrange(f"{prefix}:stream")
     assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in stored.items())
     assert type(message).from_fields(stored) == message
+    name = next(n for n, m in MODELS.items() if m is type(message))
+    assert wire_errors(wire(name), stored) == []  # XRANGE's reply, validated as it is
 
 
 def test_wire_encoding() -> None:
@@ -238,6 +278,10 @@ def test_rejections_carry_a_reason(model: type[StreamMessage], fields: Any, reas
     assert info.value.reason == reason, info.value.detail
     assert reason in REASONS and info.value.detail
     assert not isinstance(info.value, ValidationError)
+    # The wire schema refuses the same entry, except for rules across values that no schema states.
+    name = next(n for n, m in MODELS.items() if m is model)
+    semantic = info.value.detail.startswith(("entry: Value error, need window", "entry: Value error, top"))
+    assert (wire_errors(wire(name), fields) == []) == semantic, info.value.detail
 
 
 def test_error_detail_names_the_field_and_value() -> None:

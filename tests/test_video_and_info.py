@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.labels import softmax, top_k
-from worker.modelinfo import architecture_from_head, architecture_from_name, resolve_info
-from worker.video import read_frames, slot_of, to_model_input
+from worker.model.info import architecture_from_head, architecture_from_name, resolve_info
+from worker.model.labels import softmax, top_k
+from worker.tools.video import read_frames, slot_of, to_model_input
 
 
 def test_jumpingjack_gif_resampled_to_5_fps(assets: Path) -> None:

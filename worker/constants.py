@@ -26,6 +26,8 @@ def cache_dir() -> Path:
 
 # The TF backend pads batches to these sizes: each new size costs ~2.7 s of graph set-up on first
 # use (measured), and powers of two waste at most half a batch.
-TF_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+TF_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 # Top-k printed or published by default, as in the tutorial.
 DEFAULT_TOP_K = 5
+# The Redis every command uses when neither --redis-url nor REDIS_URL says otherwise.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

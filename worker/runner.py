@@ -6,17 +6,21 @@ import asyncio
 import json
 import logging
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
-from worker.backends import load_stream_model
-from worker.config import Settings
-from worker.labels import check_labels, load_labels
-from worker.metrics import Metrics
+from worker.config import TEMPLATE_FIELDS, Settings, redact_url
+from worker.keys import as_written
+from worker.model.backends import load_stream_model, options_for
+from worker.model.labels import check_labels, load_labels
+from worker.pipeline.alerting import AlertTracker
+from worker.pipeline.clients import connect
+from worker.pipeline.health import Health, start_server
+from worker.pipeline.metrics import Metrics
+from worker.probe import READY_METRIC, check
+
+__all__ = ["READY_METRIC", "check", "configure_logging", "print_config", "serve"]  # check: worker.probe
 
 log = logging.getLogger("movinet.worker")
-READY_METRIC = "movinet_worker_ready"
 
 
 def configure_logging(level: str) -> None:
@@ -37,28 +41,45 @@ def check_settings(settings: Settings) -> None:
 
 def load_backend(settings: Settings) -> Any:
     assert settings.model is not None
-    return load_stream_model(
-        settings.model,
-        settings.backend,
-        batch_sizes=settings.batch_sizes,
-        interpreters=settings.interpreters,
-        threads=settings.threads,
-        fps=settings.fps,
-    )
+    options = options_for(settings.model, settings.backend, settings)
+    return load_stream_model(settings.model, settings.backend, options, fps=settings.fps)
 
 
 async def serve(
     settings: Settings, metrics: Metrics | None = None, started: Any = None, signals: bool = True
 ) -> int:
-    """Load everything, then serve until SIGTERM/SIGINT; returns the exit code."""
-    from prometheus_client import start_http_server
+    """Load everything, then serve until SIGTERM/SIGINT; returns the exit code.
 
-    from worker.service import Worker
-
+    The metrics server starts first, so /healthz answers (and /readyz says why not ready) while the
+    model loads.
+    """
     check_settings(settings)
+    metrics = metrics or Metrics()
+    health = Health(settings.lease_seconds)
+    metrics.watch_readiness(lambda: health.ready()[0])
+    server = None
+    if settings.metrics_port:
+        server = start_server(settings.metrics_host, settings.metrics_port, metrics.registry, health)
+    try:
+        return await _serve(settings, metrics, health, started, signals)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+async def _serve(settings: Settings, metrics: Metrics, health: Health, started: Any, signals: bool) -> int:
+    from worker.pipeline.worker import Worker
+
     labels = load_labels(settings.labels)  # cheap and likely to be wrong: before the slow model
     backend = await asyncio.to_thread(load_backend, settings)
     check_labels(labels, backend.info.num_classes, backend.info.source)
+    try:
+        AlertTracker("check", settings.alert_rules, labels, settings.worker_id)
+    except ValueError as exc:
+        raise SystemExit(
+            f"invalid configuration:\n  alert_rules (--alert-rules / MOVINET_ALERT_RULES): {exc}"
+        ) from None
     fps = settings.fps or backend.info.fps
     if settings.idle_timeout_seconds * fps <= settings.max_gap_slots + 1:
         raise SystemExit(
@@ -74,12 +95,14 @@ async def serve(
             f"({replayed / fps:g} s) a takeover replays"
         )
     log.info("model: %s", backend.info.describe())
-    metrics = metrics or Metrics()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
     client = connect(settings)
-    await client.ping()
-    worker = Worker(settings, backend, labels, client, metrics)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        raise SystemExit(f"redis at {redact_url(settings.redis_url)} does not answer: {exc}") from None
+    health.redis_answered()
+    worker = Worker(settings, backend, labels, client, metrics, health=health)
     if signals:  # only possible in the main thread
         worker.install_signal_handlers()
     log.info("worker %s serving (metrics on :%d)", settings.worker_id, settings.metrics_port)
@@ -91,43 +114,11 @@ async def serve(
         await client.aclose()
         backend.close()
     log.info("worker %s stopped", settings.worker_id)
-    return 0
-
-
-def connect(settings: Settings) -> Any:
-    """An asyncio client: a Redis Cluster client when --redis-cluster, else a plain one."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.cluster import RedisCluster
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    url = settings.redis_url or ""
-    if settings.redis_cluster:
-        return RedisCluster.from_url(url, retry=Retry(ExponentialBackoff(cap=5.0), 3))
-    return aioredis.from_url(url, health_check_interval=10, socket_keepalive=True)
-
-
-def check(url: str, redis_url: str | None, timeout: float = 3.0) -> tuple[bool, str]:
-    """Is the worker at `url` ready (model loaded, serving), and does Redis answer?"""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
-        return False, f"no worker metrics at {url}: {exc}"
-    ready = any(
-        line.startswith(READY_METRIC + " ") and float(line.split()[1]) == 1.0 for line in text.splitlines()
-    )
-    if not ready:
-        return False, f"worker at {url} is not ready ({READY_METRIC} is not 1)"
-    if redis_url:
-        import redis
-
-        try:
-            redis.Redis.from_url(redis_url, socket_timeout=timeout).ping()
-        except redis.RedisError as exc:
-            return False, f"redis at {redis_url} does not answer: {exc}"
-    return True, "ready"
+    return worker.exit_code
 
 
 def print_config(settings: Settings) -> None:
-    print(json.dumps(settings.redacted(), indent=2, default=str))
+    """The effective settings as JSON, key templates as a user writes them (`frames:{<camera>}`)."""
+    data = settings.redacted()
+    data.update({name: as_written(data[name]) for name in TEMPLATE_FIELDS})
+    print(json.dumps(data, indent=2, default=str))

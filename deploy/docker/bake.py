@@ -58,10 +58,10 @@ def bake(args: argparse.Namespace) -> str | None:
     os.environ["MOVINET_CACHE_DIR"] = str(cache)
     os.environ["TFHUB_CACHE_DIR"] = str(tfhub)
 
-    from worker.backends import load_stream_model
-    from worker.backends.base import ModelLoadError
     from worker.constants import LABELS_CACHE_NAME
-    from worker.labels import check_labels, load_labels
+    from worker.model.backends import LiteRTOptions, backend_for, load_stream_model
+    from worker.model.backends.base import ModelLoadError
+    from worker.model.labels import check_labels, load_labels
 
     if labels_source is not None:
         shutil.copyfile(labels_source, cache / LABELS_CACHE_NAME)
@@ -80,12 +80,17 @@ def bake(args: argparse.Namespace) -> str | None:
             shutil.copyfile(model_source, target)
         model = str(target)
     elif args.model_handle:
-        import tensorflow_hub as hub
+        try:
+            import tensorflow_hub as hub
+        except ImportError as exc:
+            need = "build with --build-arg EXTRAS=litert,tfhub"
+            raise SystemExit(f"bake: MODEL_HANDLE needs TensorFlow: {need} ({exc})") from exc
 
         hub.resolve(args.model_handle)  # downloads into TFHUB_CACHE_DIR
         model = args.model_handle
     if model is not None:
-        backend = load_stream_model(model, interpreters=1)
+        one = LiteRTOptions(interpreters=1) if backend_for(model) == "litert" else None
+        backend = load_stream_model(model, "auto", one)
         try:
             check_labels(labels, backend.info.num_classes, backend.info.source)
             print(f"bake: {backend.info.describe()}", file=sys.stderr)
@@ -96,7 +101,7 @@ def bake(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.backends.base import ModelLoadError
+    from worker.model.backends.base import ModelLoadError
 
     try:
         bake(parse_args(argv))

@@ -1,0 +1,97 @@
+"""The capacity estimate: shed after two windows over the target, grow back while cameras wait,
+never shed at a target of 1.0 (a replay of a backlog is busy all the time by construction); the
+memory limit (setting or cgroup) caps it whatever the load allows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.pipeline.capacity import WINDOW_SECONDS, Capacity
+from worker.pipeline.memory import camera_cap, cgroup_limit_bytes, limit_bytes
+
+
+def window(c: Capacity, start: float, busy: float, slots: int, *, owned: int, waiting: int = 0) -> float:
+    """One window of wall time with `busy` seconds of model time; returns its end."""
+    c._window_start = start  # a fixed clock: windows end exactly where the test says
+    c.busy("model", busy)
+    c.done(slots)
+    end = start + WINDOW_SECONDS
+    c.update(owned, waiting, now=end)
+    return end
+
+
+def test_two_windows_over_the_target_shed_to_what_the_cost_allows() -> None:
+    c = Capacity(None, 0.85, fps=5)
+    # 10 cameras, 5 fps, 10 s: 500 camera-slots in 10 s of busy time: 0.1 s of busy time per
+    # second of one camera, so 8 cameras at 0.85.
+    t = window(c, 0.0, 10.0, 500, owned=10)
+    assert c.limit is None  # one window passes (a burst)
+    t = window(c, t, 10.0, 500, owned=10)
+    assert c.limit == 8 and c.estimate == 8 and c.load == 1.0
+
+
+def test_a_burst_of_one_window_does_not_shed() -> None:
+    c = Capacity(None, 0.85, fps=5)
+    t = window(c, 0.0, 10.0, 500, owned=10)
+    t = window(c, t, 4.0, 500, owned=10)
+    t = window(c, t, 10.0, 500, owned=10)
+    assert c.limit is None
+
+
+def test_light_load_grows_back_only_while_cameras_wait() -> None:
+    c = Capacity(None, 0.85, fps=5)
+    t = window(c, 0.0, 10.0, 500, owned=10)
+    t = window(c, t, 10.0, 500, owned=10)
+    assert c.limit == 8
+    t = window(c, t, 2.0, 400, owned=8, waiting=0)
+    assert c.limit == 8
+    t = window(c, t, 2.0, 400, owned=8, waiting=3)
+    assert c.limit == 9
+
+
+def test_a_configured_maximum_caps_the_measure() -> None:
+    c = Capacity(4, 0.85, fps=5)
+    assert c.limit == 4
+    t = window(c, 0.0, 10.0, 200, owned=4)
+    window(c, t, 10.0, 200, owned=4)
+    assert c.limit == 3  # measured under the maximum: shed one more
+
+
+def test_a_target_of_one_never_sheds() -> None:
+    c = Capacity(None, 1.0, fps=5)
+    t = 0.0
+    for _ in range(5):
+        # a step that began in the previous window counts here too: load a little over 1.0
+        t = window(c, t, 10.5, 100, owned=4)
+    assert c.load > 1.0 and c.limit is None
+
+
+def test_the_memory_cap_bounds_the_capacity_whatever_the_load_allows() -> None:
+    c = Capacity(None, 0.85, fps=5, memory_cap=7)
+    assert c.limit == 7
+    t = window(c, 0.0, 1.0, 500, owned=7, waiting=5)  # light load: grows the measure, not the cap
+    window(c, t, 1.0, 500, owned=7, waiting=5)
+    assert c.limit == 7
+
+
+def test_the_cgroup_limit_is_read_and_no_limit_is_none(tmp_path: Path) -> None:
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("1073741824\n")
+    assert cgroup_limit_bytes((v2, v1)) == 1 << 30
+    v2.write_text("max\n")
+    v1.write_text("1073741824\n")
+    assert cgroup_limit_bytes((v2, v1)) is None  # v2 is there and says no limit
+    v2.unlink()
+    assert cgroup_limit_bytes((v2, v1)) == 1 << 30
+    v1.write_text(str(2**63 - 4096))  # cgroup v1's "unlimited"
+    assert cgroup_limit_bytes((v2, v1)) is None
+    assert cgroup_limit_bytes((tmp_path / "none",)) is None
+    assert limit_bytes(512) == (512 << 20, "setting")
+
+
+def test_cameras_that_fit_in_three_quarters_of_the_limit() -> None:
+    mb = 1 << 20
+    # 1 GiB: 768 MB budget, 120 MB process, 90 MB read-ahead: 558 MB for 2 states x 3 x 2.5 MB
+    assert camera_cap(1024 * mb, 120 * mb, int(2.5 * mb), 2, 90 * mb) == 37
+    assert camera_cap(1024 * mb, 120 * mb, int(2.5 * mb), 1, 90 * mb) == 74
+    assert camera_cap(256 * mb, 180 * mb, int(2.5 * mb), 2, 90 * mb) == 1  # never none
