@@ -107,7 +107,8 @@ class Harness:
 
         self._thread = threading.Thread(target=thread, daemon=True)
         self._thread.start()
-        ready.wait(10)
+        if not ready.wait(30):
+            raise RuntimeError("the worker's thread did not start its event loop within 30 s")
         return self
 
     def stop(self, timeout: float = 30) -> None:

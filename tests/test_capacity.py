@@ -10,11 +10,15 @@ from worker.pipeline.capacity import WINDOW_SECONDS, Capacity
 from worker.pipeline.memory import camera_cap, cgroup_limit_bytes, limit_bytes
 
 
-def window(c: Capacity, start: float, busy: float, slots: int, *, owned: int, waiting: int = 0) -> float:
-    """One window of wall time with `busy` seconds of model time; returns its end."""
+def window(
+    c: Capacity, start: float, busy: float, slots: int, *, owned: int, waiting: int = 0, arrived: float = 0
+) -> float:
+    """One window of wall time with `busy` seconds of model time, `slots` camera-slots stepped and
+    `arrived` camera-slots arrived on the streams; returns its end."""
     c._window_start = start  # a fixed clock: windows end exactly where the test says
     c.busy("model", busy)
     c.done(slots)
+    c.arrived(arrived)
     end = start + WINDOW_SECONDS
     c.update(owned, waiting, now=end)
     return end
@@ -35,6 +39,29 @@ def test_a_burst_of_one_window_does_not_shed() -> None:
     t = window(c, 0.0, 10.0, 500, owned=10)
     t = window(c, t, 4.0, 500, owned=10)
     t = window(c, t, 10.0, 500, owned=10)
+    assert c.limit is None
+
+
+def test_falling_behind_with_idle_threads_sheds_what_it_cannot_step() -> None:
+    # 36 cameras at 5 fps: 1,800 camera-slots arrive in 10 s, 1,370 are stepped (76%); the model
+    # is busy 7.8 s of 10 (under the target): the bottleneck is elsewhere (event loop, shared cores).
+    c = Capacity(None, 0.85, fps=5)
+    t = window(c, 0.0, 7.8, 1370, owned=36, arrived=1800)
+    assert c.limit is None and c.load == 1800 / 1370
+    window(c, t, 7.8, 1370, owned=36, arrived=1800)
+    assert c.limit == int(36 * 0.85 / (1800 / 1370))  # 23: what it steps, with the target's headroom
+
+
+def test_keeping_up_or_catching_up_is_not_falling_behind() -> None:
+    c = Capacity(None, 0.85, fps=5)
+    t = window(c, 0.0, 5.0, 1750, owned=36, arrived=1800)  # 97%: within KEEP_UP
+    t = window(c, t, 5.0, 1750, owned=36, arrived=1800)
+    assert c.limit is None and c.load == 0.5
+    # A stall of one window, then the backlog stepped: never two windows behind in a row.
+    t = window(c, t, 0.0, 0, owned=36, arrived=1800)
+    assert c.load == 2.0  # MAX_BEHIND_LOAD
+    t = window(c, t, 6.0, 3600, owned=36, arrived=1800)
+    window(c, t, 0.0, 0, owned=36, arrived=1800)
     assert c.limit is None
 
 

@@ -3,7 +3,13 @@
 Load is the busy fraction of the model thread or the decode thread (whichever is higher) over a
 window of wall time. Busy time over the camera-slots done in the window is the cost of one camera
 at the worker's frame rate; `target_load` over that cost is how many cameras it can serve in real
-time. Over `target_load` for two windows in a row, the worker lowers its capacity to that figure (at
+time. The busy times miss a bottleneck elsewhere (the event loop, cores shared with Redis or other
+processes), so the worker also compares the camera-slots it stepped with the ones that arrived on
+its cameras' streams (at most real time per camera: a recorded file published at once is a
+backlog, not load): stepping fewer than `KEEP_UP` of them, its load is arrived / stepped (at most
+`MAX_BEHIND_LOAD`), the share it would need to serve them all.
+
+Over `target_load` for two windows in a row, the worker lowers its capacity to that figure (at
 least one camera fewer): it sheds cameras, which the balancer hands to workers with room or leaves
 unowned, counted for the autoscaler. Under 70% of the target it raises its capacity again, a step
 per window, while cameras wait unowned. One window is not enough to shed: a burst (a takeover's
@@ -20,6 +26,8 @@ import time
 WINDOW_SECONDS = 10.0
 MIN_SLOTS = 20  # fewer camera-slots in a window say too little about the cost of one
 GROW_BELOW = 0.7  # of the target
+KEEP_UP = 0.9  # stepping fewer than this share of the arrived camera-slots is falling behind
+MAX_BEHIND_LOAD = 2.0  # a stall counts as this much load: one decision sheds at most about half
 
 
 class Capacity:
@@ -32,6 +40,7 @@ class Capacity:
         self.fps = fps
         self.estimate: int | None = None  # cameras the last window's costs allow at the target load
         self._slots = 0
+        self._arrived = 0.0
         self.measured: int | None = None  # None until the load first asks for a limit
         self.load = 0.0  # of the last full window
         self._busy = {"model": 0.0, "decode": 0.0}
@@ -50,6 +59,10 @@ class Capacity:
         """Camera-slots stepped (each one camera's frame of one slot)."""
         self._slots += slots
 
+    def arrived(self, slots: float) -> None:
+        """Camera-slots that arrived on the streams of the cameras this worker serves."""
+        self._arrived += slots
+
     def update(self, owned: int, waiting: int, now: float | None = None) -> bool:
         """At the end of each window: adjust to the load; `waiting`: cameras nobody owns. True if
         the limit changed."""
@@ -59,11 +72,14 @@ class Capacity:
             return False
         busiest = max(self._busy.values())
         self.load = busiest / elapsed
+        if self._arrived >= MIN_SLOTS and self._slots < KEEP_UP * self._arrived:
+            self.load = max(self.load, min(MAX_BEHIND_LOAD, self._arrived / max(1, self._slots)))
         if self._slots >= MIN_SLOTS:
             per_camera = busiest / self._slots * self.fps  # busy seconds per second of one camera
             self.estimate = max(1, math.floor(self.target / per_camera))
         self._busy = dict.fromkeys(self._busy, 0.0)
         self._slots = 0
+        self._arrived = 0.0
         self._window_start = now
         before = self.limit
         if self.load > self.target and owned > 1 and self.target < 1.0:
