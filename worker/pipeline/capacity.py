@@ -4,10 +4,11 @@ Load is the busy fraction of the model thread or the decode thread (whichever is
 window of wall time. Busy time over the camera-slots done in the window is the cost of one camera
 at the worker's frame rate; `target_load` over that cost is how many cameras it can serve in real
 time. The busy times miss a bottleneck elsewhere (the event loop, cores shared with Redis or other
-processes), so the worker also compares the camera-slots it stepped with the ones that arrived on
-its cameras' streams (at most real time per camera: a recorded file published at once is a
-backlog, not load): stepping fewer than `KEEP_UP` of them, its load is arrived / stepped (at most
-`MAX_BEHIND_LOAD`), the share it would need to serve them all.
+processes), so the worker also watches its cameras' backlog (stream head minus published slot):
+if it grows by more than `1 - KEEP_UP` of real time, the worker keeps up with a share `kept` of
+its cameras' time and its load is 1 / kept (at most `MAX_BEHIND_LOAD`), the share it would need to
+serve them all. Growth counts at most real time per camera (a recorded file published at once is a
+backlog, not load), and a camera sending few frames has no backlog: neither looks like load.
 
 Over `target_load` for two windows in a row, the worker lowers its capacity to that figure (at
 least one camera fewer): it sheds cameras, which the balancer hands to workers with room or leaves
@@ -26,7 +27,7 @@ import time
 WINDOW_SECONDS = 10.0
 MIN_SLOTS = 20  # fewer camera-slots in a window say too little about the cost of one
 GROW_BELOW = 0.7  # of the target
-KEEP_UP = 0.9  # stepping fewer than this share of the arrived camera-slots is falling behind
+KEEP_UP = 0.9  # keeping up with less than this share of its cameras' time is falling behind
 MAX_BEHIND_LOAD = 2.0  # a stall counts as this much load: one decision sheds at most about half
 
 
@@ -40,7 +41,7 @@ class Capacity:
         self.fps = fps
         self.estimate: int | None = None  # cameras the last window's costs allow at the target load
         self._slots = 0
-        self._arrived = 0.0
+        self._grew = self._served = 0.0  # ms of unread backlog grown, ms of camera time watched
         self.measured: int | None = None  # None until the load first asks for a limit
         self.load = 0.0  # of the last full window
         self._busy = {"model": 0.0, "decode": 0.0}
@@ -59,9 +60,11 @@ class Capacity:
         """Camera-slots stepped (each one camera's frame of one slot)."""
         self._slots += slots
 
-    def arrived(self, slots: float) -> None:
-        """Camera-slots that arrived on the streams of the cameras this worker serves."""
-        self._arrived += slots
+    def behind(self, grew_ms: float, served_ms: float) -> None:
+        """The served cameras' unread backlog grew by `grew_ms` (negative: shrank) over `served_ms` of
+        their time (wall time summed over the cameras watched)."""
+        self._grew += grew_ms
+        self._served += served_ms
 
     def update(self, owned: int, waiting: int, now: float | None = None) -> bool:
         """At the end of each window: adjust to the load; `waiting`: cameras nobody owns. True if
@@ -72,14 +75,16 @@ class Capacity:
             return False
         busiest = max(self._busy.values())
         self.load = busiest / elapsed
-        if self._arrived >= MIN_SLOTS and self._slots < KEEP_UP * self._arrived:
-            self.load = max(self.load, min(MAX_BEHIND_LOAD, self._arrived / max(1, self._slots)))
+        if self._served >= WINDOW_SECONDS * 1000:  # at least one camera's window
+            kept = 1 - self._grew / self._served
+            if kept < KEEP_UP:
+                self.load = max(self.load, 1 / max(kept, 1 / MAX_BEHIND_LOAD))
         if self._slots >= MIN_SLOTS:
             per_camera = busiest / self._slots * self.fps  # busy seconds per second of one camera
             self.estimate = max(1, math.floor(self.target / per_camera))
         self._busy = dict.fromkeys(self._busy, 0.0)
         self._slots = 0
-        self._arrived = 0.0
+        self._grew = self._served = 0.0
         self._window_start = now
         before = self.limit
         if self.load > self.target and owned > 1 and self.target < 1.0:

@@ -173,7 +173,7 @@ class Metrics:
         self.load = Gauge(
             "movinet_worker_load",
             "Busy fraction of the model or decode thread over the last 10 s window (the higher), or "
-            "arrived / stepped camera-slots when it stepped fewer than 90% of those that arrived",
+            "1 / the share of its cameras' time it kept up with, when under 90%",
             registry=r,
         )
         self.slots_skipped = Counter(

@@ -146,7 +146,7 @@ class Worker:
             space=self._space,
             beat=lambda: self.supervisor.beat("stepper"),
         )
-        self._heads_seen: dict[str, tuple[int, float]] = {}  # served camera -> (head ms, monotonic ms)
+        self._heads_seen: dict[str, tuple[int, float]] = {}  # served camera -> (backlog ms, monotonic ms)
         self._announce = asyncio.Event()  # a camera was announced: the owner acts now, not at its next beat
         self.control = Control(
             settings,
@@ -387,8 +387,8 @@ class Worker:
     async def _heads(self, wanted: dict[str, str]) -> None:
         """Each stream's newest entry, for the cameras this worker owns and the ones nobody owns: input
         older than the retention behind it is trimmed (an unowned camera's by the first live worker),
-        and an owned camera too far behind it skips ahead. The heads' advance on served cameras is
-        what arrived for the capacity's keep-up check."""
+        and an owned camera too far behind it skips ahead. How the served cameras' backlog (stream
+        head minus published slot) grows is the capacity's keep-up check."""
         first = self.ownership.live[0] == self.settings.worker_id
         names = [n for n, c in self.cameras.items() if c.owned or n not in wanted]
         if not names:
@@ -401,7 +401,8 @@ class Worker:
             pipe.eval(HEAD, 1, self.settings.frames_stream(name), keep if trims else 0)
         replies = await pipe.execute(raise_on_error=False)
         mono_ms = time.monotonic() * 1000
-        arrived, seen = 0.0, {}
+        grew = served = 0.0
+        seen: dict[str, tuple[int, float]] = {}
         for name, reply in zip(names, replies, strict=True):
             cam = self.cameras.get(name)
             if isinstance(reply, Exception):
@@ -414,12 +415,14 @@ class Worker:
             behind = head_ms - id_key(cam.cursor)[0]
             # A cursor of 0-0 has read nothing yet (a new group): its lag is not known until it has.
             started = cam.cursor != "0-0"
-            if cam.owned and cam.resumed and started:
+            if cam.owned and cam.resumed and started and cam.published_slot is not None:
+                # Not yet published: read or not (the read-ahead holds seconds of frames per camera).
+                backlog = max(0, head_ms - cam.clock.start_ms(cam.published_slot + 1))
                 was = self._heads_seen.get(name)
-                if was is not None:  # at most real time: a burst of recorded frames is a backlog
-                    advance = min(head_ms - was[0], mono_ms - was[1])
-                    arrived += max(0.0, advance) * cam.clock.fps / 1000
-                seen[name] = (head_ms, mono_ms)
+                if was is not None:  # at most real time: a burst of recorded frames is a backlog, not load
+                    grew += min(backlog - was[0], mono_ms - was[1])
+                    served += mono_ms - was[1]
+                seen[name] = (backlog, mono_ms)
             if cam.owned and cam.resumed and started and behind > self.settings.max_lag_seconds * 1000:
                 to_ms = head_ms - SKIP_KEEP_MS
                 skipped = int((to_ms - id_key(cam.cursor)[0]) * cam.clock.fps / 1000)
@@ -433,8 +436,9 @@ class Worker:
                 cam.skipped += max(0, skipped)
                 self.cameras.drop_state(cam)
                 cam.skip_to_ms = to_ms
+                seen[name] = (max(0, head_ms - to_ms), mono_ms)  # skipped: not stepped, yet not behind
         self._heads_seen = seen
-        self.capacity.arrived(arrived)
+        self.capacity.behind(grew, served)
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
