@@ -7,11 +7,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import redis
@@ -242,11 +244,21 @@ class ReadyMetrics:
 
 def test_no_command_prints_the_redis_password(models, labels600, tmp_path: Path) -> None:
     """Every command that takes a Redis URL, pointed at a server that refuses it: the planted
-    password is in no output, and each fails within its timeout instead of hanging."""
+    password is in no output, and each fails within its timeout instead of hanging (`ingest`, which
+    keeps its cameras through a Redis outage, runs for a few seconds and is stopped)."""
     with RedisServer("--requirepass", "the-real-one") as server, ReadyMetrics() as metrics_url:
         url = f"redis://user:{PASSWORD}@127.0.0.1:{server.port}/0"
         labels = tmp_path / "labels.txt"
         labels.write_text("\n".join(labels600) + "\n")
+        clip = tmp_path / "clip.mp4"
+        with av.open(str(clip), "w") as out:
+            stream = out.add_stream("mpeg4", rate=5)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for i in range(4):
+                image = np.full((48, 64, 3), 40 * i, np.uint8)
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            out.mux(stream.encode(None))
+        model = ("--model", str(models.tflite), "--labels", str(labels))
         env_url = ("--redis-url", url)
         commands = [
             ("config", *env_url),
@@ -255,6 +267,10 @@ def test_no_command_prints_the_redis_password(models, labels600, tmp_path: Path)
             ("tail", "cam", *env_url, "--count", "1"),
             ("alerts", *env_url, "--count", "1"),
             ("publish", str(tmp_path / "missing.mp4"), "--camera", "cam", *env_url),
+            ("publish", str(clip), "--camera", "cam", *env_url),
+            ("plot", "--camera", "cam", *env_url, "--out", str(tmp_path / "plot.png")),
+            ("explain", "cam:rule:1700000000000", *env_url, *model),
+            ("demo", *env_url, *model, "--source", str(clip), "--timeout", "20"),
         ]
         for args in commands:
             started = time.monotonic()
@@ -263,6 +279,30 @@ def test_no_command_prints_the_redis_password(models, labels600, tmp_path: Path)
             output = proc.stdout + proc.stderr
             assert PASSWORD not in output, (args[0], output[-2000:])
             assert took < 90, (args[0], took)
+        cameras = tmp_path / "cameras.yaml"
+        cameras.write_text("cameras:\n  - id: cam1\n    url: http://127.0.0.1:1/nothing.ts\n")
+        ingest = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "ingest",
+                "--config",
+                str(cameras),
+                *env_url,
+                "--metrics-port",
+                "0",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(6)
+        ingest.terminate()
+        output, _ = ingest.communicate(timeout=30)
+        assert "user:***@" in output or "Redis:" in output, output[-2000:]  # it did try Redis
+        assert PASSWORD not in output, output[-2000:]
 
 
 def test_redact_url() -> None:

@@ -7,9 +7,11 @@ from typing import Any
 from worker.config import Settings
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
+def client_options(settings: Settings, asyncio: bool = False) -> dict[str, Any]:
     """What every client gets: a call that hangs longer than `redis_timeout_seconds` fails (and is
-    retried by the caller) instead of hanging the task; dead TCP peers are noticed by keep-alive."""
+    retried by the caller) instead of hanging the task; dead TCP peers are noticed by keep-alive.
+    `asyncio`: for a redis.asyncio client, which wants its own Retry (it warns about the other)."""
+    from redis.asyncio.retry import Retry as AsyncRetry
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
@@ -17,7 +19,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": min(timeout, 5.0),
-        "retry": Retry(ExponentialBackoff(cap=2.0), 2),
+        "retry": (AsyncRetry if asyncio else Retry)(ExponentialBackoff(cap=2.0), 2),
     }
     if not (settings.redis_url or "").startswith("unix"):
         options["socket_keepalive"] = True
@@ -30,7 +32,7 @@ def connect(settings: Settings) -> Any:
     from redis.asyncio.cluster import RedisCluster
 
     url = settings.redis_url or ""
-    options = client_options(settings)
+    options = client_options(settings, asyncio=True)
     if settings.redis_cluster:
         return RedisCluster.from_url(url, **options)
     return aioredis.from_url(url, health_check_interval=10, **options)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from worker.config import Settings
+from worker.config import Settings, redact_url
 from worker.testing import local_redis
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def run_demo(settings: Settings, source: str, camera: str, loops: int, timeout: 
         url = settings.redis_url or stack.enter_context(local_redis())
         settings = settings.model_copy(update={"redis_url": url})
         client = redis.Redis.from_url(url)
-        print(f"redis: {url}")
+        print(f"redis: {redact_url(url)}")
         loop = asyncio.new_event_loop()
         ready = threading.Event()
         worker_ref: dict[str, Worker] = {}
