@@ -46,6 +46,14 @@ class Feed:
             time.sleep(self.period)
 
 
+def feed_together(feeds: list[Feed], seconds: float) -> None:
+    """Several cameras publishing in real time side by side, for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for f in feeds:
+            f.run(0.01)
+
+
 def ready(h: Harness) -> bool:
     assert h.worker is not None
     return h.worker.ready()[0]
@@ -111,11 +119,7 @@ def test_hostile_control_messages_are_dead_lettered_and_later_ones_applied(
     h.client.xadd(control, {"v": "1", "camera": "a b", "action": "subscribe"})
     h.client.xadd(control, {"v": "1", "camera": "late", "action": "subscribe"})
     began = int(time.time() * 1000)
-    feeds = [Feed(h, "live"), Feed(h, "late")]
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
-        for f in feeds:
-            f.run(0.01)
+    feed_together([Feed(h, "live"), Feed(h, "late")], 5)
     h.wait_for(lambda: served_through(h, "late", began) >= 10, timeout=20, what="the late subscription")
     h.wait_for(lambda: served_through(h, "live", began) >= 10, timeout=20, what="the live camera")
     reasons = sorted(d.reason for d in letters(h))
@@ -296,11 +300,7 @@ def test_a_wrong_type_key_and_a_garbage_prediction_stream_cost_only_their_camera
         h.client.xadd(control, {"v": "1", "camera": name, "action": "subscribe"})
     start(h)
     began = int(time.time() * 1000)
-    feeds = [Feed(h, "good"), Feed(h, "garbage")]
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
-        for f in feeds:
-            f.run(0.01)
+    feed_together([Feed(h, "good"), Feed(h, "garbage")], 5)
     h.wait_for(lambda: served_through(h, "good", began) >= 10, timeout=20, what="the good camera")
     h.wait_for(lambda: served_through(h, "garbage", began) >= 10, timeout=20, what="the garbage camera")
     assert ready(h) and restarts(h) == 0, h.worker.ready() if h.worker else None
