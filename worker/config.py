@@ -271,8 +271,8 @@ class Settings(BaseSettings):
         0.85,
         gt=0.1,
         le=1.0,
-        description="busy fraction of the model (or decode) thread, or frames sent over frames stepped "
-        "when it steps fewer than 90 percent of them, above which the worker sheds cameras; "
+        description="busy fraction of the model (or decode) thread, or 1 / the share of its cameras' time "
+        "it keeps up with when under 90 percent, above which the worker sheds cameras; "
         "under 70 percent of it, it takes more; 1.0: never shed (a fixed fleet, or a replay of a backlog)",
     )
     latency_budget_ms: float | None = Field(

@@ -41,7 +41,7 @@ class Capacity:
         self.fps = fps
         self.estimate: int | None = None  # cameras the last window's costs allow at the target load
         self._slots = 0
-        self._grew = self._served = 0.0  # ms of unread backlog grown, ms of camera time watched
+        self._grew = self._served = 0.0  # ms of unpublished backlog grown, ms of camera time watched
         self.measured: int | None = None  # None until the load first asks for a limit
         self.load = 0.0  # of the last full window
         self._busy = {"model": 0.0, "decode": 0.0}
@@ -61,7 +61,7 @@ class Capacity:
         self._slots += slots
 
     def behind(self, grew_ms: float, served_ms: float) -> None:
-        """The served cameras' unread backlog grew by `grew_ms` (negative: shrank) over `served_ms` of
+        """The served cameras' unpublished backlog grew by `grew_ms` (negative: shrank) over `served_ms` of
         their time (wall time summed over the cameras watched)."""
         self._grew += grew_ms
         self._served += served_ms
